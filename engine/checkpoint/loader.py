@@ -1,0 +1,230 @@
+"""Load checkpoint components onto their device and dtype, strictly and with progress.
+
+Each model is built on the meta device and every tensor is read once (safetensors per tensor,
+.pth memory-mapped), converted on the way to the target device/dtype and assigned in place: host
+memory holds one tensor at a time, never a full float32 copy of the model. The LoRA is merged
+into its target weights as they arrive. A component whose keys or shapes do not match exactly is
+refused with its load report.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from engine.checkpoint import inspect
+from engine.checkpoint.files import human_bytes, load_pth_mmap
+from engine.checkpoint.layout import CheckpointLayout
+from engine.checkpoint.lora import merged_weight
+from engine.checkpoint.report import ComponentReport
+from engine.errors import CheckpointError
+from engine.models import audio as audio_model
+from engine.models import text as text_model
+from engine.models import vae as vae_model
+from engine.models.dit import WanS2VDiT
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]  # (component, bytes done, bytes total)
+
+
+class ProgressPrinter:
+    """Progress lines on stderr: a live bar on a terminal, a line per 10% otherwise."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self._last: dict[str, float] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        now = time.monotonic()
+        if self.tty:
+            if done < total and now - self._last.get(label, 0.0) < 0.2:
+                return
+            self._last[label] = now
+            end = "\n" if done >= total else ""
+            self.stream.write(f"\rloading {label}: {frac:6.1%} ({human_bytes(done)} / "
+                              f"{human_bytes(total)}){end}")
+        else:
+            step = int(frac * 10)
+            if step == self._last.get(label, -1):
+                return
+            self._last[label] = step
+            self.stream.write(f"loading {label}: {frac:.0%} ({human_bytes(done)} / "
+                              f"{human_bytes(total)})\n")
+        self.stream.flush()
+
+
+def _refuse(report: ComponentReport) -> CheckpointError:
+    return CheckpointError(f"cannot load {report.name}:\n{report.format()}", report)
+
+
+def set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Replace the (meta) parameter or buffer `key` of `model` with `value`."""
+    owner, _, name = key.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    if name in mod._parameters:
+        mod._parameters[name] = nn.Parameter(value, requires_grad=False)
+    elif name in mod._buffers:
+        mod._buffers[name] = value
+    else:
+        raise KeyError(f"{key} is neither a parameter nor a buffer")
+
+
+def _finish(model: nn.Module, label: str) -> None:
+    left = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
+    if left:
+        raise CheckpointError(f"{label}: {len(left)} tensors were never loaded, e.g. {left[:3]}")
+    model.eval().requires_grad_(False)
+
+
+@dataclass
+class _Counter:
+    label: str
+    total: int
+    progress: ProgressFn | None
+    done: int = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        self.done += t.numel() * t.element_size()
+        if self.progress is not None:
+            self.progress(self.label, min(self.done, self.total), self.total)
+
+
+# 1. DiT + LoRA ----------------------------------------------------------------------------------
+
+
+def load_dit(layout: CheckpointLayout, device: torch.device | str, dtype: torch.dtype,
+             lora: str | Path | None = None, lora_alpha: float = 64.0, use_lora: bool = True,
+             progress: ProgressFn | None = None) -> WanS2VDiT:
+    """The DiT with the Live-Avatar LoRA merged (unless `use_lora` is false)."""
+    dit = inspect.inspect_dit(layout)
+    if not dit.report.ok:
+        raise _refuse(dit.report)
+    assert dit.config is not None and dit.tensors is not None and dit.expected is not None
+    lora_path = layout.lora(lora) if use_lora else None
+    lora_rep, plan, _ = inspect.inspect_lora(lora_path, dit, lora_alpha,
+                                             required=use_lora and lora is not None)
+    if lora_rep is not None and not lora_rep.ok:
+        raise _refuse(lora_rep)
+    if use_lora and lora_path is None:
+        log.warning("no Live-Avatar LoRA found (LiveAvatar/liveavatar.safetensors inside or beside "
+                    "%s): running the base Wan2.2-S2V weights, which are not trained for "
+                    "4-step causal streaming", layout.root)
+    for note in dit.report.notes:
+        log.info("dit: %s", note)
+
+    with torch.device("meta"):
+        model = WanS2VDiT(dit.config)
+    fp32_prefixes = model.keep_fp32_prefixes
+    by_file: dict[Path, list[str]] = {}
+    for key in dit.expected:
+        by_file.setdefault(dit.tensors[key].file, []).append(key)
+    counter = _Counter("dit", sum(dit.tensors[k].nbytes for k in dit.expected), progress)
+    with ExitStack() as stack:
+        lora_f = stack.enter_context(safe_open(str(lora_path), "pt")) if plan else None
+        targets = {m + ".weight": roles for m, roles in plan.pairs.items()} if plan else {}
+        overrides = plan.overrides if plan else {}
+        for path, keys in sorted(by_file.items()):
+            with safe_open(str(path), "pt") as f:
+                for key in keys:
+                    # a full tensor in the LoRA file replaces the base weight (upstream loads
+                    # the file non-strictly on top of the model)
+                    if lora_f is not None and key in overrides:
+                        t = lora_f.get_tensor(overrides[key])
+                    else:
+                        t = f.get_tensor(key)
+                    counter.add(t)
+                    want = torch.float32 if key.startswith(fp32_prefixes) else dtype
+                    t = t.to(device=device, dtype=want)
+                    if lora_f is not None and key in targets:
+                        roles = targets[key]
+                        alpha = (lora_f.get_tensor(roles["alpha"]) if "alpha" in roles
+                                 else lora_alpha)
+                        t = merged_weight(t, lora_f.get_tensor(roles["A"]),
+                                          lora_f.get_tensor(roles["B"]), alpha)
+                    set_tensor(model, key, t)
+    _finish(model, "dit")
+    return model
+
+
+# 2. VAE -----------------------------------------------------------------------------------------
+
+
+def load_vae(layout: CheckpointLayout, device: torch.device | str, dtype: torch.dtype,
+             progress: ProgressFn | None = None) -> vae_model.WanVAE:
+    rep, cfg = inspect.inspect_vae(layout)
+    if not rep.ok or cfg is None:
+        raise _refuse(rep)
+    sd = load_pth_mmap(layout.vae, "VAE weights")
+    with torch.device("meta"):
+        model = vae_model.WanVAE(cfg)
+    counter = _Counter("vae", rep.nbytes, progress)
+    for key, t in sd.items():
+        counter.add(t)
+        set_tensor(model, key, t.to(device=device, dtype=dtype))
+    _finish(model, "vae")
+    return model
+
+
+# 3. Text encoder --------------------------------------------------------------------------------
+
+
+def load_text_encoder(layout: CheckpointLayout, device: torch.device | str, dtype: torch.dtype,
+                      text_len: int = 512, progress: ProgressFn | None = None
+                      ) -> text_model.TextEncoder:
+    rep, dims = inspect.inspect_t5(layout)
+    if not rep.ok or dims is None:
+        raise _refuse(rep)
+    tokenizer = inspect.load_tokenizer(layout.tokenizer)
+    sd = load_pth_mmap(layout.t5, "umT5 encoder weights")
+    with torch.device("meta"):
+        model = text_model.build_encoder(dims)
+    counter = _Counter("t5", rep.nbytes, progress)
+    for key, t in sd.items():
+        counter.add(t)
+        set_tensor(model, text_model.wan_to_hf_key(key), t.to(device=device, dtype=dtype))
+    # the input embedding is tied to `shared`
+    model.encoder.embed_tokens = model.shared
+    _finish(model, "t5")
+    return text_model.TextEncoder(model, tokenizer, text_len)
+
+
+# 4. wav2vec2 ------------------------------------------------------------------------------------
+
+
+def load_wav2vec(layout: CheckpointLayout, device: torch.device | str, dtype: torch.dtype,
+                 progress: ProgressFn | None = None) -> audio_model.Wav2Vec2Features:
+    w2v = inspect.inspect_wav2vec(layout)
+    if not w2v.report.ok or w2v.weights is None or w2v.key_map is None:
+        raise _refuse(w2v.report)
+    with torch.device("meta"):
+        model = audio_model.build_model(w2v.config)  # type: ignore[arg-type]
+    counter = _Counter("wav2vec2", w2v.report.nbytes, progress)
+
+    def assign(key: str, t: torch.Tensor) -> None:
+        target = w2v.key_map.get(key)  # type: ignore[union-attr]
+        if target is not None:
+            counter.add(t)
+            set_tensor(model, target, t.to(device=device, dtype=dtype))
+
+    if w2v.weights.suffix == ".safetensors":
+        with safe_open(str(w2v.weights), "pt") as f:
+            for key in f.keys():
+                assign(key, f.get_tensor(key))
+    else:
+        for key, t in load_pth_mmap(w2v.weights, "wav2vec2 weights").items():
+            assign(key, t)
+    _finish(model, "wav2vec2")
+    return audio_model.Wav2Vec2Features(model)

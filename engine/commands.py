@@ -1,0 +1,50 @@
+"""Engine-side `avatar` subcommands: make-tiny-checkpoint, check-checkpoint.
+
+This module is torch-free at import (the CLI is built by `stream.cli`, which must not import
+torch); each command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-tiny-checkpoint",
+                       help="write a random tiny checkpoint in the published layout (for tests)")
+    p.add_argument("dir", help="folder to write (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--shards", type=int, default=2, help="number of DiT shards (default 2)")
+    p.set_defaults(func=make_tiny_checkpoint)
+
+    p = sub.add_parser("check-checkpoint",
+                       help="validate a checkpoint folder from headers only; non-zero on problems")
+    p.add_argument("dir", help="the Wan2.2-S2V-14B folder")
+    p.add_argument("--lora", default=None,
+                   help="the Live-Avatar LoRA file (default: LiveAvatar/liveavatar.safetensors "
+                        "inside or beside the folder)")
+    p.add_argument("--lora-alpha", type=float, default=64.0, help="LoRA alpha (default 64)")
+    p.add_argument("--max-keys", type=int, default=12, help="keys listed per problem kind")
+    p.set_defaults(func=check_checkpoint)
+
+
+def make_tiny_checkpoint(args: argparse.Namespace) -> int:
+    from engine.checkpoint.tiny import make_tiny_checkpoint as make
+
+    path = make(args.dir, seed=args.seed, shards=args.shards)
+    print(f"wrote a tiny random checkpoint to {path}")
+    return 0
+
+
+def check_checkpoint(args: argparse.Namespace) -> int:
+    from engine.checkpoint.inspect import check_checkpoint as check
+    from engine.errors import CheckpointError
+
+    try:
+        report = check(args.dir, lora=args.lora, lora_alpha=args.lora_alpha)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.format(args.max_keys))
+    return 0 if report.ok else 1
