@@ -63,6 +63,8 @@ class EngineConfig:
     lora_alpha: float = 64.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    audio_left_context_s: float = 4.0  # wav2vec2 window before each block
+    audio_lookahead_s: float = 0.16  # and after it (adds this much latency)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     @classmethod
@@ -79,8 +81,13 @@ class EngineConfig:
             lora_alpha=_take(sec, raw, "lora_alpha", float, cls.lora_alpha),
             device=_take(sec, raw, "device", str, cls.device),
             dtype=_take(sec, raw, "dtype", str, cls.dtype),
+            audio_left_context_s=_take(sec, raw, "audio_left_context_s", float,
+                                       cls.audio_left_context_s),
+            audio_lookahead_s=_take(sec, raw, "audio_lookahead_s", float, cls.audio_lookahead_s),
             sampling=SamplingConfig.parse(sampling),
         )
+        _in_range(f"{sec}.audio_left_context_s", cfg.audio_left_context_s, 0.0, 30.0)
+        _in_range(f"{sec}.audio_lookahead_s", cfg.audio_lookahead_s, 0.0, 2.0)
         _in_range(f"{sec}.lora_alpha", cfg.lora_alpha, 1e-6, 1e6)
         if cfg.dtype not in DTYPES:
             raise ConfigError(f"engine.dtype={cfg.dtype!r}: accepted {DTYPES}")

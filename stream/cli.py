@@ -10,12 +10,14 @@ import logging
 import sys
 
 from engine import commands as engine_commands
+from stream import render
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    render.add_command(sub)
     engine_commands.add_commands(sub)
     return parser
 

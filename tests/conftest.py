@@ -37,3 +37,28 @@ def examples() -> Path:
     if not EXAMPLES.is_dir():
         pytest.fail(f"example media not found at {EXAMPLES} (expected ../shared/examples)")
     return EXAMPLES
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_ckpt_master: Path):
+    """The tiny checkpoint loaded on the CPU in float32 (LoRA alpha 2: scale 0.5 at rank 4)."""
+    import torch
+
+    from engine.checkpoint.loader import load_models
+
+    return load_models(tiny_ckpt_master, torch.device("cpu"), torch.float32, lora_alpha=2.0)
+
+
+@pytest.fixture(scope="session")
+def example_image(examples: Path):
+    from stream.media.decode import read_image
+
+    return read_image(examples / "dwarven_blacksmith.jpg")
+
+
+@pytest.fixture(scope="session")
+def example_audio(examples: Path):
+    """17.7 s of speech, 16 kHz mono float32."""
+    from stream.media.decode import read_audio
+
+    return read_audio(examples / "dwarven_blacksmith.wav")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import CheckpointError
+from engine.progress import human_bytes
 
 LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
 
@@ -43,14 +44,6 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -10,20 +10,17 @@ refused with its load report.
 from __future__ import annotations
 
 import logging
-import sys
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from engine.checkpoint import inspect
-from engine.checkpoint.files import human_bytes, load_pth_mmap
+from engine.checkpoint.files import load_pth_mmap
 from engine.checkpoint.layout import CheckpointLayout
 from engine.checkpoint.lora import merged_weight
 from engine.checkpoint.report import ComponentReport
@@ -32,38 +29,10 @@ from engine.models import audio as audio_model
 from engine.models import text as text_model
 from engine.models import vae as vae_model
 from engine.models.dit import WanS2VDiT
+from engine.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, int, int], None]  # (component, bytes done, bytes total)
-
-
-class ProgressPrinter:
-    """Progress lines on stderr: a live bar on a terminal, a line per 10% otherwise."""
-
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self._last: dict[str, float] = {}
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        now = time.monotonic()
-        if self.tty:
-            if done < total and now - self._last.get(label, 0.0) < 0.2:
-                return
-            self._last[label] = now
-            end = "\n" if done >= total else ""
-            self.stream.write(f"\rloading {label}: {frac:6.1%} ({human_bytes(done)} / "
-                              f"{human_bytes(total)}){end}")
-        else:
-            step = int(frac * 10)
-            if step == self._last.get(label, -1):
-                return
-            self._last[label] = step
-            self.stream.write(f"loading {label}: {frac:.0%} ({human_bytes(done)} / "
-                              f"{human_bytes(total)})\n")
-        self.stream.flush()
 
 
 def _refuse(report: ComponentReport) -> CheckpointError:
@@ -228,3 +197,47 @@ def load_wav2vec(layout: CheckpointLayout, device: torch.device | str, dtype: to
             assign(key, t)
     _finish(model, "wav2vec2")
     return audio_model.Wav2Vec2Features(model)
+
+
+# 5. Everything a generator needs ----------------------------------------------------------------
+
+
+@dataclass
+class EngineModels:
+    """The loaded model set of one process, shared by all its sessions (weights only: every
+    session owns its own caches)."""
+
+    dit: WanS2VDiT
+    vae: vae_model.WanVAE
+    text: text_model.TextEncoder
+    wav2vec: audio_model.Wav2Vec2Features
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """'auto' picks CUDA when present; dtype 'auto' is bfloat16 on CUDA, float32 on CPU."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} asked for CUDA but torch sees no GPU; set "
+                              "[engine] device = \"cpu\" or run on a GPU machine")
+    if dtype == "auto":
+        return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    return dev, getattr(torch, dtype)
+
+
+def load_models(checkpoint: str | Path, device: torch.device, dtype: torch.dtype,
+                lora: str | Path | None = None, lora_alpha: float = 64.0,
+                progress: ProgressFn | None = None) -> EngineModels:
+    """Load and check every component. wav2vec2 stays float32 (small, precision-sensitive)."""
+    layout = CheckpointLayout.at(checkpoint)
+    started = time.monotonic()
+    dit = load_dit(layout, device, dtype, lora=lora or None, lora_alpha=lora_alpha,
+                   progress=progress)
+    vae = load_vae(layout, device, dtype, progress=progress)
+    text = load_text_encoder(layout, device, dtype, text_len=dit.cfg.text_len, progress=progress)
+    wav2vec = load_wav2vec(layout, device, torch.float32, progress=progress)
+    log.info("loaded %s on %s (%s) in %.1f s", layout.root, device, dtype,
+             time.monotonic() - started)
+    return EngineModels(dit, vae, text, wav2vec, torch.device(device), dtype)

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.checkpoint.files import TensorInfo, human_bytes
+from engine.checkpoint.files import TensorInfo
+from engine.progress import human_bytes
 
 
 @dataclass

@@ -383,8 +383,14 @@ class WanS2VDiT(nn.Module):
             x = block(x, e0, i, attn, text.keys[i], text.values[i])
             if i in self.injector_of:
                 x = self._inject_audio(self.injector_of[i], x, audio)
-        out = self.head(x, e)  # [B, F, h*w, 4*16]
-        # unpatchify: token vector index = ((p*2 + q)*2 + r)*16 + c with p the time patch (1)
+        return self.unpatchify(self.head(x, e), hh, ww)
+
+    def unpatchify(self, out: torch.Tensor, hh: int, ww: int) -> torch.Tensor:
+        """Head output [B, F, h*w, 4*C] -> [B, C, F, H, W].
+
+        The token vector index is ((p*2 + q)*2 + r)*C + c, p being the (size 1) time patch.
+        """
+        b, f = out.shape[:2]
         out = out.view(b, f, hh // 2, ww // 2, 2, 2, self.cfg.out_dim)
         return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.cfg.out_dim, f, hh, ww)
 

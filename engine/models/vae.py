@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_CPU_MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch, "mkldnn_convolution")
+
 # 1. Configuration -------------------------------------------------------------------------------
 
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -97,7 +99,12 @@ class CausalConv3d(nn.Conv3d, _CausalSite):
             x = torch.cat([past.to(x.dtype), x], dim=2)
             if cache is not None:
                 cache.slots[self.site] = x[:, :, -self.time_pad:].clone()
-        return super().forward(F.pad(x, self.space_pad))
+        x = F.pad(x, self.space_pad)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and _CPU_MKLDNN:
+            # PyTorch routes small-channel CPU conv3d to an im2col path ~10x slower than oneDNN
+            return torch.mkldnn_convolution(x, self.weight, self.bias, (0, 0, 0), self.stride,
+                                            self.dilation, self.groups)
+        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
@@ -109,7 +116,9 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        # F.normalize(x, dim=1): x / max(||x||, 1e-12), written out (faster on CPU)
+        norm = x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+        return x / norm * (self.scale * self.gamma)
 
 
 class ResidualBlock(nn.Module):

@@ -11,16 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.checkpoint.layout import CheckpointLayout
-from engine.checkpoint.loader import (
-    ProgressPrinter,
-    load_dit,
-    load_text_encoder,
-    load_vae,
-    load_wav2vec,
-)
+from engine.checkpoint.loader import load_dit, load_text_encoder, load_vae, load_wav2vec
 from engine.errors import CheckpointError
 from engine.models.audio import feature_frames, normalize_wave
 from engine.models.vae import CausalCache
+from engine.progress import ProgressPrinter
 
 F32 = torch.float32
 

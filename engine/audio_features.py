@@ -1,0 +1,200 @@
+"""Streaming wav2vec2 features: audio arrives in chunks of any size, features leave per block.
+
+Timeline: sample s of a session is at s / 16000 s; video frame g at g / 25 s; 50 Hz wav2vec2 frame
+i covers samples [320 i, 320 i + 400). The 50 Hz -> 25 fps mapping is the reference's two-stage
+one: frame g takes the 30 fps index j = round(1.2 g) (never a tie at 25 fps), and 30 fps index j
+is the linear interpolation of the 50 Hz states at position 5 j / 3. (The reference interpolates
+with align_corners over the whole file, which stretches positions by up to ~1.3 frames at the end
+of a file; a stream has no end, so the exact rate ratio is used.)
+
+For block b (video frames [12 b, 12 b + 12)), wav2vec2 runs over the window
+[block start - left context, block end + look-ahead) (clamped at the session start), normalised
+with the mean and variance of the recent audio (`norm_s` seconds, with a floor so that long
+silence is not amplified into speech-loud noise). Memory is bounded: only the samples later
+blocks can still need are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.models.audio import HOP, SAMPLE_RATE, Wav2Vec2Features, feature_frames
+
+FPS = 25
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
+
+
+@dataclass(frozen=True)
+class AudioFeatureConfig:
+    left_context_s: float = 4.0
+    lookahead_s: float = 0.16
+    norm_s: float = 10.0
+    norm_floor: float = 0.01  # minimum std used for normalisation (about -40 dBFS)
+
+    def __post_init__(self) -> None:
+        for name in ("left_context_s", "lookahead_s", "norm_s"):
+            if not 0.0 <= getattr(self, name) <= 60.0:
+                raise ValueError(f"{name}={getattr(self, name)} out of range 0..60 s")
+
+    @property
+    def left_samples(self) -> int:
+        return int(round(self.left_context_s * SAMPLE_RATE / HOP)) * HOP  # a whole 50 Hz frame
+
+    @property
+    def lookahead_samples(self) -> int:
+        return int(round(self.lookahead_s * SAMPLE_RATE))
+
+    @property
+    def norm_samples(self) -> int:
+        return int(round(self.norm_s * SAMPLE_RATE))
+
+
+def frame_positions(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Video frames g -> (floor, frac) of their 50 Hz positions 5*round(1.2 g)/3."""
+    j = (12 * frames + 5) // 10  # round(1.2 g); 1.2 g never ends in .5
+    return (5 * j) // 3, ((5 * j) % 3) / 3.0
+
+
+def interpolate_frames(states: torch.Tensor, first_state: int, frames: np.ndarray) -> torch.Tensor:
+    """50 Hz states [B, L, T, A] whose index 0 is global frame `first_state` -> [B, L, A, G].
+
+    Positions past the last state use the last state (the window always covers the frames it is
+    asked for; this only guards the final interpolation neighbour).
+    """
+    base, frac = frame_positions(frames)
+    idx0 = np.clip(base - first_state, 0, states.shape[2] - 1)
+    idx1 = np.clip(base + 1 - first_state, 0, states.shape[2] - 1)
+    w = torch.from_numpy(frac).to(states.dtype).to(states.device)[None, None, :, None]
+    picked = states[:, :, idx0] * (1 - w) + states[:, :, idx1] * w  # [B, L, G, A]
+    return picked.permute(0, 1, 3, 2)
+
+
+def samples_needed(last_frame: int, cfg: AudioFeatureConfig) -> int:
+    """How many session samples must exist before features up to `last_frame` can be computed."""
+    base, frac = frame_positions(np.array([last_frame]))
+    last_state = int(base[0]) + (1 if frac[0] > 0 else 0)  # the interpolation neighbour
+    feature_end = last_state * HOP + 400  # the samples that 50 Hz frame covers
+    return max(feature_end, (last_frame + 1) * SAMPLES_PER_FRAME) + cfg.lookahead_samples
+
+
+class AudioBuffer:
+    """Mono 16 kHz float32 samples of one session with absolute indexing; old samples dropped.
+
+    A write more than `max_gap` samples past the end starts afresh there instead of storing the
+    gap (the gap reads as silence either way), so memory stays bounded whatever the timestamps.
+    """
+
+    def __init__(self, max_gap: int = 60 * SAMPLE_RATE) -> None:
+        self.max_gap = max_gap
+        self._data = np.zeros(0, dtype=np.float32)
+        self._start = 0  # absolute index of _data[0]
+
+    @property
+    def end(self) -> int:
+        """Absolute index one past the last sample received."""
+        return self._start + len(self._data)
+
+    def write(self, samples: np.ndarray, at: int | None = None) -> None:
+        """Place samples at absolute index `at` (default: right after the end).
+
+        A gap before `at` reads as silence; samples overlapping what is already there (audio that
+        arrived after its span was padded with silence) replace it, so later windows see them.
+        """
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        at = self.end if at is None else at
+        if at - self.end > self.max_gap:
+            self._data, self._start = np.zeros(0, dtype=np.float32), at
+        if at > self.end:
+            self._data = np.concatenate([self._data, np.zeros(at - self.end, np.float32)])
+        if at < self._start:  # older than anything any later window can use
+            samples, at = samples[self._start - at:], self._start
+        overlap = min(len(samples), self.end - at)
+        if overlap > 0:
+            self._data[at - self._start:at - self._start + overlap] = samples[:overlap]
+        self._data = np.concatenate([self._data, samples[max(overlap, 0):]])
+
+    def pad_to(self, end: int) -> int:
+        """Append silence up to absolute index `end`; returns how many samples were added."""
+        missing = max(0, end - self.end)
+        if missing:
+            self.write(np.zeros(missing, dtype=np.float32))
+        return missing
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop); anything before the buffer or after its end reads as zeros."""
+        out = np.zeros(max(0, stop - start), dtype=np.float32)
+        lo, hi = max(start, self._start), min(stop, self.end)
+        if hi > lo:
+            out[lo - start:hi - start] = self._data[lo - self._start:hi - self._start]
+        return out
+
+    def forget_before(self, index: int) -> None:
+        if index > self._start:
+            cut = min(index - self._start, len(self._data))
+            self._data = self._data[cut:]
+            self._start += cut
+
+    @property
+    def nbytes(self) -> int:
+        return self._data.nbytes
+
+
+class StreamingAudioFeatures:
+    """Per-block wav2vec2 features [1, L, A, frames] from audio pushed in arbitrary chunks."""
+
+    def __init__(self, model: Wav2Vec2Features, cfg: AudioFeatureConfig, device: torch.device | str):
+        self.model = model
+        self.cfg = cfg
+        self.device = device
+        self.buffer = AudioBuffer()
+
+    def push(self, samples: np.ndarray, at: int | None = None) -> None:
+        """Add 16 kHz mono samples starting at session sample `at` (default: contiguous)."""
+        self.buffer.write(samples, at)
+
+    def ready(self, last_frame: int) -> bool:
+        return self.buffer.end >= samples_needed(last_frame, self.cfg)
+
+    def pad_silence(self, last_frame: int) -> int:
+        """Fill missing audio up to what `last_frame` needs with silence; returns samples added."""
+        return self.buffer.pad_to(samples_needed(last_frame, self.cfg))
+
+    def features(self, first_frame: int, frames: int) -> torch.Tensor:
+        """Features of video frames [first_frame, first_frame + frames) -> [1, L, A, frames]."""
+        cfg = self.cfg
+        last = first_frame + frames - 1
+        stop = samples_needed(last, cfg)
+        start = max(0, first_frame * SAMPLES_PER_FRAME - cfg.left_samples)
+        start -= start % HOP  # window frames align with the session's 50 Hz grid
+        wave = self.buffer.read(start, stop)
+        norm_start = max(0, stop - cfg.norm_samples)
+        stats = self.buffer.read(norm_start, stop).astype(np.float64)
+        mean = float(stats.mean())
+        std = max(float(stats.std()), cfg.norm_floor)
+        x = torch.from_numpy(((wave - mean) / std).astype(np.float32))[None].to(self.device)
+        states = self.model(x)  # [1, L, T, A]
+        if states.shape[2] < 1 or feature_frames(len(wave)) != states.shape[2]:
+            raise AssertionError("wav2vec2 frame count does not match the window")
+        out = interpolate_frames(states, start // HOP, np.arange(first_frame, last + 1))
+        self.buffer.forget_before(min(norm_start, (last + 1) * SAMPLES_PER_FRAME - cfg.left_samples))
+        return out
+
+
+def whole_file_features(model: Wav2Vec2Features, wave: np.ndarray, frames: int,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """Reference: one wav2vec2 pass over a whole file with whole-file normalisation -> [1, L, A, G].
+
+    Frames whose 50 Hz position lies past the end of the audio get zeros, as upstream does.
+    """
+    w = np.asarray(wave, dtype=np.float64)
+    x = ((w - w.mean()) / np.sqrt(w.var() + 1e-7)).astype(np.float32)
+    states = model(torch.from_numpy(x)[None].to(device))
+    g = np.arange(frames)
+    out = interpolate_frames(states, 0, g)
+    base, frac = frame_positions(g)
+    beyond = (base + (frac > 0)) >= states.shape[2]
+    out[..., torch.from_numpy(beyond)] = 0.0
+    return out

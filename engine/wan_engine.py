@@ -1,0 +1,66 @@
+"""The Wan2.2-S2V + Live-Avatar engine: loads the checkpoint once, opens streaming sessions."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from engine.api import AudioChunk, FrameBlock, ProgressFn, SessionParams
+from engine.audio_features import AudioFeatureConfig
+from engine.checkpoint.loader import EngineModels, load_models, resolve_device
+from engine.config import EngineConfig
+from engine.generator import StreamConfig, StreamGenerator
+
+log = logging.getLogger(__name__)
+
+
+class WanSession:
+    """An `engine.api.EngineSession` over a `StreamGenerator`."""
+
+    def __init__(self, generator: StreamGenerator):
+        self.generator = generator
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.generator.width, self.generator.height
+
+    def push_audio(self, chunk: AudioChunk) -> None:
+        self.generator.push_audio(np.asarray(chunk.samples, dtype=np.float32), chunk.start)
+
+    def ready(self) -> bool:
+        return self.generator.ready()
+
+    def next_block(self, pad_silence: bool = False) -> FrameBlock:
+        return self.generator.next_block(pad_silence)
+
+    def close(self) -> None:
+        self.generator.stages.clear()  # drop the rings now, not at garbage collection
+
+
+class WanEngine:
+    name = "wan"
+
+    def __init__(self, models: EngineModels, config: EngineConfig):
+        self.models = models
+        self.config = config
+        self.stream_config = StreamConfig(audio=AudioFeatureConfig(
+            left_context_s=config.audio_left_context_s, lookahead_s=config.audio_lookahead_s))
+        self.description = (f"Wan2.2-S2V-14B + Live-Avatar ({config.checkpoint}) on "
+                            f"{models.device}, {str(models.dtype).removeprefix('torch.')}")
+
+    @classmethod
+    def load(cls, config: EngineConfig, progress: ProgressFn | None = None) -> WanEngine:
+        device, dtype = resolve_device(config.device, config.dtype)
+        models = load_models(config.checkpoint, device, dtype, lora=config.lora or None,
+                             lora_alpha=config.lora_alpha, progress=progress)
+        return cls(models, config)
+
+    def open_session(self, params: SessionParams) -> WanSession:
+        s = self.config.sampling
+        gen = StreamGenerator(self.models, params, self.stream_config, steps=s.steps,
+                              shift=s.shift)
+        return WanSession(gen)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""Media plumbing of the server: decoding, resampling, encoding (PyAV). Torch-free."""

@@ -1,0 +1,66 @@
+"""Decode user media with PyAV: a reference image to RGB, an audio file to 16 kHz mono float32.
+
+Errors name the file and say which formats are accepted; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+
+from engine.api import SAMPLE_RATE
+
+
+class MediaError(ValueError):
+    """A file or upload that cannot be decoded as what it should be."""
+
+
+MAX_IMAGE_SIDE = 8192
+
+
+def read_image(source: str | Path | bytes) -> np.ndarray:
+    """JPEG/PNG/WebP/BMP/... -> uint8 [H, W, 3] RGB (first frame of anything PyAV opens)."""
+    name = "upload" if isinstance(source, bytes) else str(source)
+    try:
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source),
+                     "r") as c:
+            if not c.streams.video:
+                raise MediaError(f"{name}: no image in it; send a JPEG, PNG or WebP picture")
+            frame = next(c.decode(video=0))
+            if max(frame.width, frame.height) > MAX_IMAGE_SIDE:
+                raise MediaError(f"{name}: {frame.width}x{frame.height} is too large (at most "
+                                 f"{MAX_IMAGE_SIDE} pixels a side)")
+            return frame.to_ndarray(format="rgb24")
+    except MediaError:
+        raise
+    except FileNotFoundError:
+        raise MediaError(f"{name}: no such file") from None
+    except (av.error.FFmpegError, StopIteration, ValueError) as exc:
+        raise MediaError(f"{name}: not a readable image ({exc}); send a JPEG, PNG or WebP "
+                         "picture") from None
+
+
+def read_audio(source: str | Path, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Any audio file PyAV reads -> float32 mono samples at `rate` Hz in [-1, 1]."""
+    name = str(source)
+    try:
+        with av.open(name, "r") as c:
+            if not c.streams.audio:
+                raise MediaError(f"{name}: no audio stream; send a WAV, MP3, OGG or M4A file")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            parts: list[np.ndarray] = []
+            for frame in c.decode(audio=0):
+                parts.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(frame))
+            parts.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(None))
+    except MediaError:
+        raise
+    except FileNotFoundError:
+        raise MediaError(f"{name}: no such file") from None
+    except av.error.FFmpegError as exc:
+        raise MediaError(f"{name}: not a readable audio file ({exc})") from None
+    if not parts:
+        raise MediaError(f"{name}: the audio stream is empty")
+    return np.clip(np.concatenate(parts).astype(np.float32), -1.0, 1.0)
