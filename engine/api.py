@@ -7,13 +7,18 @@ at s / 16000 s, so one clock serves both. A block is 12 video frames (0.48 s, 76
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from engine.config import EngineConfig
+from engine.errors import CapacityExhausted, ConfigError, EngineError, InputError
 from engine.progress import ProgressFn, ProgressPrinter
+
+if TYPE_CHECKING:
+    from engine.runtime import EngineRuntime
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -97,21 +102,33 @@ class EngineSession(Protocol):
         """Generate the next block; with `pad_silence`, missing audio counts as silence."""
         ...
 
+    def seek(self, block: int) -> None:
+        """Continue at block `block` (skipping ahead on the audio timeline when late)."""
+        ...
+
     def close(self) -> None: ...
 
 
 class Engine(Protocol):
-    """A loaded engine: opens sessions. `name` is "wan" or "preview"."""
+    """A loaded engine: opens sessions. `name` is "wan" or "preview".
+
+    `lookahead_s`: audio past a block's end it needs before starting that block.
+    `max_sessions`: how many sessions it can hold at once (admission also watches measured load).
+    """
 
     name: str
     description: str
+    lookahead_s: float
+    max_sessions: int
 
     def open_session(self, params: SessionParams) -> EngineSession: ...
 
     def close(self) -> None: ...
 
 
-__all__ = ["ProgressFn", "ProgressPrinter"]  # re-exported for the server and the CLI
+# re-exported: the server imports nothing else from the engine
+__all__ = ["CapacityExhausted", "ConfigError", "EngineConfig", "EngineError", "InputError",
+           "ProgressFn", "ProgressPrinter"]
 
 
 def create_engine(config: EngineConfig, progress: ProgressFn | None = None) -> Engine:
@@ -120,6 +137,14 @@ def create_engine(config: EngineConfig, progress: ProgressFn | None = None) -> E
         from engine.wan_engine import WanEngine
 
         return WanEngine.load(config, progress)
-    from engine.errors import ConfigError
+    from engine.preview import PreviewEngine
 
-    raise ConfigError("engine.checkpoint is empty: set it to the Wan2.2-S2V-14B folder")
+    return PreviewEngine(config)
+
+
+def start_runtime(engine: Engine, loop: asyncio.AbstractEventLoop) -> EngineRuntime:
+    """Start the engine loop thread for `engine`; results wake `loop`."""
+    from engine.runtime import EngineRuntime
+
+    return EngineRuntime(engine, loop, max_sessions=engine.max_sessions,
+                         lookahead_s=engine.lookahead_s)

@@ -65,6 +65,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     audio_left_context_s: float = 4.0  # wav2vec2 window before each block
     audio_lookahead_s: float = 0.16  # and after it (adds this much latency)
+    max_sessions: int = 0  # 0: the engine's default (preview 8, wan 1 per process)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     @classmethod
@@ -84,10 +85,12 @@ class EngineConfig:
             audio_left_context_s=_take(sec, raw, "audio_left_context_s", float,
                                        cls.audio_left_context_s),
             audio_lookahead_s=_take(sec, raw, "audio_lookahead_s", float, cls.audio_lookahead_s),
+            max_sessions=_take(sec, raw, "max_sessions", int, cls.max_sessions),
             sampling=SamplingConfig.parse(sampling),
         )
         _in_range(f"{sec}.audio_left_context_s", cfg.audio_left_context_s, 0.0, 30.0)
         _in_range(f"{sec}.audio_lookahead_s", cfg.audio_lookahead_s, 0.0, 2.0)
+        _in_range(f"{sec}.max_sessions", cfg.max_sessions, 0, 256)
         _in_range(f"{sec}.lora_alpha", cfg.lora_alpha, 1e-6, 1e6)
         if cfg.dtype not in DTYPES:
             raise ConfigError(f"engine.dtype={cfg.dtype!r}: accepted {DTYPES}")

@@ -30,3 +30,13 @@ class CheckpointError(EngineError):
 
 class InputError(EngineError, ValueError):
     """Bad input to a session (image, audio, size): the message says what is accepted."""
+
+
+class CapacityExhausted(EngineError):
+    """No room for another session now; `retry_after` seconds is a sensible wait."""
+
+    retryable = True
+
+    def __init__(self, message: str, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -32,11 +32,12 @@ from engine.api import FRAMES_PER_BLOCK, BlockTimings, FrameBlock, SessionParams
 from engine.audio_features import AudioFeatureConfig, StreamingAudioFeatures
 from engine.checkpoint.loader import EngineModels
 from engine.errors import InputError
-from engine.image import generation_size, parse_area, prepare_reference
+from engine.image import prepare_reference
 from engine.kv_cache import KVRing, RingAttention
 from engine.models.dit import AudioTokens, SinkKV, TextKV, WanS2VDiT
 from engine.models.vae import CausalCache
 from engine.sampling import FlowSchedule
+from engine.sizing import generation_size, parse_area
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,13 @@ class StreamGenerator:
         self.block += 1
         return FrameBlock(b, first, frames, BlockTimings(t1 - t0, t2 - t1, t3 - t2, t3 - t0),
                           silent)
+
+    def seek(self, block: int) -> None:
+        """Continue at `block` (the engine skips ahead when it falls behind real time). The
+        rings keep their older keys, at their true positions."""
+        if block < self.block:
+            raise ValueError(f"cannot seek back from block {self.block} to {block}")
+        self.block = block
 
     def state_nbytes(self) -> int:
         """Bytes of per-session state that could grow: rings, VAE cache, audio buffer."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -11,6 +12,7 @@ from engine.audio_features import AudioFeatureConfig
 from engine.checkpoint.loader import EngineModels, load_models, resolve_device
 from engine.config import EngineConfig
 from engine.generator import StreamConfig, StreamGenerator
+from engine.preview import draw_default_face
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,9 @@ class WanSession:
     def next_block(self, pad_silence: bool = False) -> FrameBlock:
         return self.generator.next_block(pad_silence)
 
+    def seek(self, block: int) -> None:
+        self.generator.seek(block)
+
     def close(self) -> None:
         self.generator.stages.clear()  # drop the rings now, not at garbage collection
 
@@ -48,6 +53,9 @@ class WanEngine:
             left_context_s=config.audio_left_context_s, lookahead_s=config.audio_lookahead_s))
         self.description = (f"Wan2.2-S2V-14B + Live-Avatar ({config.checkpoint}) on "
                             f"{models.device}, {str(models.dtype).removeprefix('torch.')}")
+        # the last frame's interpolation neighbour needs up to 5 ms more than the look-ahead
+        self.lookahead_s = config.audio_lookahead_s + 0.005
+        self.max_sessions = config.max_sessions or 1
 
     @classmethod
     def load(cls, config: EngineConfig, progress: ProgressFn | None = None) -> WanEngine:
@@ -57,6 +65,8 @@ class WanEngine:
         return cls(models, config)
 
     def open_session(self, params: SessionParams) -> WanSession:
+        if params.image is None:  # no upload and no configured avatar: the drawn face
+            params = dataclasses.replace(params, image=draw_default_face(704, 384))
         s = self.config.sampling
         gen = StreamGenerator(self.models, params, self.stream_config, steps=s.steps,
                               shift=s.shift)

@@ -10,13 +10,14 @@ import logging
 import sys
 
 from engine import commands as engine_commands
-from stream import render
+from stream import render, server
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    server.add_command(sub)
     render.add_command(sub)
     engine_commands.add_commands(sub)
     return parser

@@ -1,12 +1,17 @@
-"""config.toml: read once by the entry point; each package parses its own section. Torch-free."""
+"""config.toml for the server: read once by the entry point; each package parses its own section.
+
+`stream` owns [server], [webrtc], [media], [sessions] and [avatars]; `engine` owns [engine].
+Frozen dataclasses; every validation error names the dotted key and the accepted range.
+"""
 
 from __future__ import annotations
 
 import tomllib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.api import ConfigError, EngineConfig
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -18,3 +23,139 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: config file not found (pass --config PATH)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+
+
+def _parse(cls: type, section: str, raw: Any) -> Any:
+    """Fill dataclass `cls` from table `raw`, checking names and types of every key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{section}] must be a table, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"[{section}] has unknown key(s) {unknown}; accepted: {sorted(known)}")
+    values = {}
+    defaults = cls()
+    for name, value in raw.items():
+        want = type(getattr(defaults, name))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if want is tuple and isinstance(value, list):
+            value = tuple(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{section}.{name}={value!r}: expected {want.__name__}")
+        values[name] = value
+    return cls(**values)
+
+
+def _range(key: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}={value!r} is out of range: accepted {lo}..{hi}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: tuple = ()  # empty: creating sessions needs no key (development only)
+    token_ttl_s: float = 3600.0  # lifetime of the session tokens browsers and viewers use
+    max_upload_bytes: int = 10_000_000
+    public_url: str = ""  # base of returned links; empty: taken from each request's Host
+
+    def __post_init__(self) -> None:
+        _range("server.port", self.port, 0, 65535)
+        _range("server.token_ttl_s", self.token_ttl_s, 1.0, 7 * 86400.0)
+        _range("server.max_upload_bytes", self.max_upload_bytes, 1024, 200_000_000)
+        if not all(isinstance(k, str) and len(k) >= 16 for k in self.api_keys):
+            raise ConfigError("server.api_keys: every key must be a string of >= 16 characters")
+
+
+@dataclass(frozen=True)
+class WebRTCConfig:
+    # [{urls = ["turn:turn.example.org:3478"], username = "u", credential = "p"}, ...];
+    # none by default: the server never contacts a public STUN server unless told to
+    ice_servers: tuple = ()
+    # restrict ICE host candidates to these local addresses (empty: every interface)
+    host_addresses: tuple = ()
+    video_codecs: tuple = ("H264", "VP8")  # preference order
+
+    def __post_init__(self) -> None:
+        for i, server in enumerate(self.ice_servers):
+            if not isinstance(server, dict) or "urls" not in server:
+                raise ConfigError(f"webrtc.ice_servers[{i}]: expected a table with 'urls'")
+            extra = set(server) - {"urls", "username", "credential"}
+            if extra:
+                raise ConfigError(f"webrtc.ice_servers[{i}]: unknown key(s) {sorted(extra)}")
+        bad = [c for c in self.video_codecs if c not in ("H264", "VP8")]
+        if bad or not self.video_codecs:
+            raise ConfigError(f"webrtc.video_codecs={list(self.video_codecs)}: accepted H264, VP8")
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    encoder: str = "libx264"  # PyAV encoder for H.264 (pre-encoded packets to aiortc)
+    preset: str = "ultrafast"
+    tune: str = "zerolatency"
+    bitrate_kbps: int = 1500
+    keyframe_interval_s: float = 1.0
+    encoder_threads: int = 2  # the dedicated encoding executor
+    playout_margin_s: float = 0.15  # added to the engine's latency for the playout delay
+
+    def __post_init__(self) -> None:
+        _range("media.bitrate_kbps", self.bitrate_kbps, 100, 50_000)
+        _range("media.keyframe_interval_s", self.keyframe_interval_s, 0.2, 10.0)
+        _range("media.encoder_threads", self.encoder_threads, 1, 32)
+        _range("media.playout_margin_s", self.playout_margin_s, 0.0, 5.0)
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    idle_timeout_s: float = 120.0  # no viewer, no audio and no keep-alive for this long: end
+    max_length_s: float = 4 * 3600.0
+    max_viewers: int = 16
+    default_size: str = "704*384"
+
+    def __post_init__(self) -> None:
+        _range("sessions.idle_timeout_s", self.idle_timeout_s, 1.0, 86400.0)
+        _range("sessions.max_length_s", self.max_length_s, 1.0, 30 * 86400.0)
+        _range("sessions.max_viewers", self.max_viewers, 1, 1000)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    webrtc: WebRTCConfig = field(default_factory=WebRTCConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    avatars: dict[str, str] = field(default_factory=dict)  # name -> image path
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], base_dir: Path | None = None) -> StreamConfig:
+        known = {"server", "webrtc", "media", "sessions", "avatars", "engine"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"config has unknown section(s) {unknown}; accepted: {sorted(known)}")
+        avatars = raw.get("avatars", {})
+        if not isinstance(avatars, dict) or not all(isinstance(v, str) for v in avatars.values()):
+            raise ConfigError("[avatars] maps names to image paths: name = \"path/to/image.jpg\"")
+        base = base_dir or Path.cwd()
+        avatars = {k: str((base / v).resolve()) if v else "" for k, v in avatars.items()}
+        engine_raw = dict(raw.get("engine", {}))
+        if engine_raw.get("checkpoint"):
+            engine_raw["checkpoint"] = str((base / engine_raw["checkpoint"]).resolve())
+        return cls(
+            server=_parse(ServerConfig, "server", raw.get("server")),
+            webrtc=_parse(WebRTCConfig, "webrtc", raw.get("webrtc")),
+            media=_parse(MediaConfig, "media", raw.get("media")),
+            sessions=_parse(SessionsConfig, "sessions", raw.get("sessions")),
+            avatars=avatars,
+            engine=EngineConfig.parse(engine_raw),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> StreamConfig:
+        if path is None:
+            return cls()
+        return cls.parse(load_toml(path), Path(path).resolve().parent)

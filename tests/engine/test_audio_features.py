@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from engine.audio_buffer import AudioBuffer
 from engine.audio_features import (
-    AudioBuffer,
     AudioFeatureConfig,
     StreamingAudioFeatures,
     frame_positions,

@@ -1,0 +1,91 @@
+// The speaker's page: sends the microphone, shows the avatar (audio muted by default).
+import { api, createSession, params, readStats, showStats, waitForIceGathering } from './common.js';
+
+const $ = (id) => document.getElementById(id);
+const video = $('avatar');
+let pc = null, session = null, timers = [];
+
+window.avatarStats = { state: 'idle', framesDecoded: 0, audioPackets: 0 };
+
+function status(text) { $('status').textContent = text; }
+
+async function start() {
+  $('start').disabled = true;
+  try {
+    if (params.get('session')) {  // a call link made by a backend: the session exists
+      const token = params.get('token');
+      const response = await api(`/v1/sessions/${params.get('session')}`, {
+        headers: { Authorization: `Bearer ${token}` } });
+      session = { ...(await response.json()), token };
+    } else {  // no link: make a session (works when the server needs no API key)
+      session = await createSession(params.get('size') ? { size: params.get('size') } : {});
+    }
+    const { session_id: sid, token } = session;
+    if (session.engine && session.engine.preview) $('badge').hidden = false;
+    status('Asking for the microphone…');
+    const mic = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: true } });
+    pc = new RTCPeerConnection({ iceServers: session.ice_servers || [] });
+    mic.getTracks().forEach((t) => pc.addTrack(t, mic));
+    pc.addTransceiver('video', { direction: 'recvonly' });
+    const remote = new MediaStream();
+    pc.ontrack = (e) => { remote.addTrack(e.track); video.srcObject = remote; };
+    pc.onconnectionstatechange = () => {
+      window.avatarStats.state = pc.connectionState;
+      status(`Connection: ${pc.connectionState}`);
+    };
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitForIceGathering(pc);
+    status('Connecting…');
+    const response = await api(`/v1/sessions/${sid}/offer`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${token}` },
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: 'offer' }),
+    });
+    const answer = await response.json();
+    session.peer_url = answer.peer_url;
+    await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp });
+    const link = session.urls ? session.urls.viewer
+      : `${location.origin}/obs/${sid}?token=${encodeURIComponent(token)}&audio=1`;
+    $('viewer-link').href = link;
+    $('viewer-link').textContent = link;
+    $('viewer').hidden = false;
+    $('hangup').disabled = false;
+    timers.push(setInterval(async () => {
+      const s = await readStats(pc, session.playout_delay_ms);
+      Object.assign(window.avatarStats, s);
+      showStats($('stats'), s);
+    }, 1000));
+    timers.push(setInterval(() => {  // keep the session alive while the page is open
+      fetch(`/v1/sessions/${sid}/keepalive`, { method: 'POST',
+        headers: { Authorization: `Bearer ${token}` } }).catch(() => {});
+    }, 20000));
+  } catch (err) {
+    status(`Could not start: ${err.message}`);
+    window.avatarStats.state = 'error';
+    window.avatarStats.error = err.message;
+    $('start').disabled = false;
+  }
+}
+
+async function hangup() {
+  timers.forEach(clearInterval);
+  timers = [];
+  if (pc) pc.close();
+  pc = null;
+  $('hangup').disabled = true;
+  $('start').disabled = false;
+  status('Call ended.');
+}
+
+$('start').onclick = start;
+$('hangup').onclick = hangup;
+$('listen').onchange = (e) => { video.muted = !e.target.checked; };
+$('copy').onclick = () => navigator.clipboard.writeText($('viewer-link').href);
+window.addEventListener('pagehide', () => {
+  if (session && session.peer_url) {
+    fetch(session.peer_url, { method: 'DELETE', keepalive: true,
+      headers: { Authorization: `Bearer ${session.token}` } }).catch(() => {});
+  }
+  if (pc) pc.close();
+});

@@ -1,0 +1,73 @@
+// Shared by the call page and the OBS/viewer page: sessions, signalling, stats. No build step.
+
+export const params = new URLSearchParams(location.search);
+
+export async function api(path, options = {}) {
+  const response = await fetch(path, options);
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try {
+      const body = await response.json();
+      if (body.error) message = `${body.error.code}: ${body.error.message}`;
+    } catch (e) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return response;
+}
+
+export async function createSession(fields = {}) {
+  const response = await api('/v1/sessions', {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify(fields),
+  });
+  return response.json();
+}
+
+export function waitForIceGathering(pc, timeoutMs = 5000) {
+  if (pc.iceGatheringState === 'complete') return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { pc.removeEventListener('icegatheringstatechange', check); resolve(); };
+    const check = () => { if (pc.iceGatheringState === 'complete') done(); };
+    pc.addEventListener('icegatheringstatechange', check);
+    setTimeout(done, timeoutMs);  // send what we have rather than hang
+  });
+}
+
+export function iceServers() {
+  try { return JSON.parse(params.get('ice') || '[]'); } catch (e) { return []; }
+}
+
+// Live figures from getStats(): what the overlay shows and what tests read (window.avatarStats).
+export async function readStats(pc, playoutDelayMs) {
+  const out = { framesDecoded: 0, fps: 0, width: 0, height: 0, audioPackets: 0,
+                audioSamples: 0, latencyMs: null, avOffsetMs: null, codec: '' };
+  let videoJb = null, audioJb = null;
+  const stats = await pc.getStats();
+  const codecs = {};
+  stats.forEach((r) => { if (r.type === 'codec') codecs[r.id] = r.mimeType; });
+  stats.forEach((r) => {
+    if (r.type !== 'inbound-rtp') return;
+    if (r.kind === 'video') {
+      out.framesDecoded = r.framesDecoded || 0;
+      out.fps = r.framesPerSecond || 0;
+      out.width = r.frameWidth || 0;
+      out.height = r.frameHeight || 0;
+      out.codec = codecs[r.codecId] || '';
+      if (r.jitterBufferEmittedCount) videoJb = 1000 * r.jitterBufferDelay / r.jitterBufferEmittedCount;
+    } else if (r.kind === 'audio') {
+      out.audioPackets = r.packetsReceived || 0;
+      out.audioSamples = r.totalSamplesReceived || 0;
+      if (r.jitterBufferEmittedCount) audioJb = 1000 * r.jitterBufferDelay / r.jitterBufferEmittedCount;
+    }
+  });
+  if (videoJb !== null) out.latencyMs = Math.round((playoutDelayMs || 0) + videoJb);
+  if (videoJb !== null && audioJb !== null) out.avOffsetMs = Math.round(videoJb - audioJb);
+  return out;
+}
+
+export function showStats(el, s) {
+  const fmt = (v, unit) => (v === null || v === undefined ? '–' : `${v}${unit}`);
+  el.textContent = `${s.fps ? s.fps.toFixed(0) : 0} fps · ${s.width}×${s.height} · ` +
+    `latency ${fmt(s.latencyMs, ' ms')} · A/V ${fmt(s.avOffsetMs, ' ms')} · ${s.codec}`;
+}

@@ -1,0 +1,216 @@
+"""The preview engine: the embedded default when no checkpoint is configured. CPU, numpy, no weights.
+
+It animates the avatar image (or a drawn default face) with a mouth whose opening follows the
+loudness of exactly the audio of each frame (frame n <- samples [640 n, 640 n + 640)), plus an
+idle blink, behind the same `Engine` protocol and block clock as the real engine (12 frames per
+0.48 s block). Every frame carries a "PREVIEW" mark. It is fast enough for several real-time
+sessions on one core, and it is what the end-to-end and A/V-sync tests drive.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.api import (
+    FRAMES_PER_BLOCK,
+    SAMPLES_PER_FRAME,
+    AudioChunk,
+    BlockTimings,
+    FrameBlock,
+    SessionParams,
+)
+from engine.audio_buffer import AudioBuffer
+from engine.config import EngineConfig
+from engine.sizing import generation_size, parse_area
+
+# 1. Geometry shared with tests ------------------------------------------------------------------
+
+MOUTH_CENTER = (0.5, 0.68)  # (x, y) as fractions of the frame
+MOUTH_WIDTH = 0.14  # fraction of the frame width
+MOUTH_MAX_HEIGHT = 0.10  # fraction of the frame height when fully open
+MOUTH_COLOR = np.array([45, 8, 18], np.uint8)
+SILENCE_DB, LOUD_DB = -50.0, -12.0  # loudness mapped to closed .. fully open
+
+
+def mouth_opening(samples: np.ndarray) -> float:
+    """Loudness of one frame's audio -> mouth opening in [0, 1] (RMS in dBFS, linear map)."""
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
+    db = 20.0 * np.log10(rms + 1e-9)
+    return float(np.clip((db - SILENCE_DB) / (LOUD_DB - SILENCE_DB), 0.0, 1.0))
+
+
+def mouth_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the region the mouth can occupy."""
+    cx, cy = MOUTH_CENTER[0] * width, MOUTH_CENTER[1] * height
+    half_w = max(4.0, MOUTH_WIDTH * width / 2)
+    half_h = max(3.0, MOUTH_MAX_HEIGHT * height / 2)
+    return (int(cx - half_w), int(cy - half_h), int(np.ceil(cx + half_w)),
+            int(np.ceil(cy + half_h)))
+
+
+# 2. Drawing -------------------------------------------------------------------------------------
+
+
+def _ellipse(h: int, w: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return ((xx + 0.5 - cx) / max(rx, 1e-6)) ** 2 + ((yy + 0.5 - cy) / max(ry, 1e-6)) ** 2 <= 1.0
+
+
+def draw_default_face(width: int, height: int, eyes_closed: bool = False) -> np.ndarray:
+    """A plain cartoon face (no mouth: the mouth is drawn per frame)."""
+    img = np.zeros((height, width, 3), np.float32)
+    grad = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    img[:] = np.array([58, 78, 110]) * (1 - grad) + np.array([28, 36, 52]) * grad
+    cx = width / 2
+    s = min(width, height)
+    img[_ellipse(height, width, cx, height * 0.95, s * 0.42, s * 0.25)] = (70, 90, 140)  # shoulders
+    img[_ellipse(height, width, cx, height * 0.52, s * 0.30, s * 0.38)] = (226, 186, 152)  # head
+    hair = _ellipse(height, width, cx, height * 0.30, s * 0.32, s * 0.2)
+    hair &= ~_ellipse(height, width, cx, height * 0.44, s * 0.27, s * 0.16)
+    img[hair] = (60, 40, 30)
+    for side in (-1, 1):
+        ex = cx + side * s * 0.11
+        if eyes_closed:
+            img[_ellipse(height, width, ex, height * 0.47, s * 0.055, s * 0.006)] = (90, 60, 50)
+        else:
+            img[_ellipse(height, width, ex, height * 0.47, s * 0.055, s * 0.035)] = (250, 250, 250)
+            img[_ellipse(height, width, ex, height * 0.47, s * 0.022, s * 0.022)] = (50, 70, 90)
+        img[_ellipse(height, width, ex, height * 0.40, s * 0.06, s * 0.01)] = (70, 50, 40)
+    nose = _ellipse(height, width, cx, height * 0.57, s * 0.02, s * 0.045)
+    img[nose] = img[nose] * 0.85
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def resize_cover(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale uint8 [h, w, 3] to cover width x height (box prefilter + bilinear), centre-crop."""
+    h, w = image.shape[:2]
+    scale = max(height / h, width / w)
+    factor = int(1 / scale) if scale < 0.5 else 1
+    img = image[: h - h % factor, : w - w % factor].astype(np.float32)
+    if factor > 1:  # average-pool first so strong downscaling does not alias
+        img = img.reshape(img.shape[0] // factor, factor, img.shape[1] // factor, factor, 3)
+        img = img.mean(axis=(1, 3))
+    h, w = img.shape[:2]
+    scale = max(height / h, width / w)
+    rh, rw = max(height, round(h * scale)), max(width, round(w * scale))
+    ys = np.clip((np.arange(rh) + 0.5) / scale - 0.5, 0, h - 1)
+    xs = np.clip((np.arange(rw) + 0.5) / scale - 0.5, 0, w - 1)
+    y0, x0 = ys.astype(int), xs.astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    out = (img[y0][:, x0] * (1 - fy) * (1 - fx) + img[y0][:, x1] * (1 - fy) * fx
+           + img[y1][:, x0] * fy * (1 - fx) + img[y1][:, x1] * fy * fx)
+    top, left = (rh - height) // 2, (rw - width) // 2
+    return out[top:top + height, left:left + width].round().clip(0, 255).astype(np.uint8)
+
+
+_GLYPHS = {  # 5x7 bitmap font, enough for the mark
+    "P": ["11110", "10001", "10001", "11110", "10000", "10000", "10000"],
+    "R": ["11110", "10001", "10001", "11110", "10100", "10010", "10001"],
+    "E": ["11111", "10000", "10000", "11110", "10000", "10000", "11111"],
+    "V": ["10001", "10001", "10001", "10001", "10001", "01010", "00100"],
+    "I": ["11111", "00100", "00100", "00100", "00100", "00100", "11111"],
+    "W": ["10001", "10001", "10001", "10101", "10101", "11011", "10001"],
+}
+
+
+def draw_label(img: np.ndarray, text: str = "PREVIEW") -> None:
+    """Stamp `text` in the top-left corner (white on a dark box), in place."""
+    scale = max(1, img.shape[0] // 160)
+    pad, cw = 2 * scale, 6 * scale
+    box_w, box_h = pad * 2 + cw * len(text) - scale, pad * 2 + 7 * scale
+    if box_w >= img.shape[1] or box_h >= img.shape[0]:
+        return
+    img[:box_h, :box_w] = (img[:box_h, :box_w] * 0.3).astype(np.uint8)
+    for i, ch in enumerate(text):
+        bits = np.array([[c == "1" for c in row] for row in _GLYPHS[ch]])
+        glyph = np.kron(bits, np.ones((scale, scale), bool))
+        x = pad + i * cw
+        img[pad:pad + glyph.shape[0], x:x + glyph.shape[1]][glyph] = 255
+
+
+# 3. Engine and session --------------------------------------------------------------------------
+
+
+class PreviewSession:
+    """An `engine.api.EngineSession` that draws frames from loudness."""
+
+    def __init__(self, params: SessionParams, default_avatar: np.ndarray | None):
+        image = params.image if params.image is not None else default_avatar
+        # the same size rule as the real engine; the drawn face is 16:9 and fills the budget
+        h_img, w_img = image.shape[:2] if image is not None else (9 * 1024, 16 * 1024)
+        self.height, self.width = generation_size(h_img, w_img, parse_area(params.size))
+        if image is None:
+            self.base = draw_default_face(self.width, self.height)
+            self.blink: np.ndarray | None = draw_default_face(self.width, self.height, True)
+            draw_label(self.blink)
+        else:
+            self.base = resize_cover(np.ascontiguousarray(image[:, :, :3]), self.width,
+                                     self.height)
+            self.blink = None
+        draw_label(self.base)
+        self.box = mouth_box(self.width, self.height)
+        x0, y0, x1, y1 = self.box
+        cx, cy = MOUTH_CENTER[0] * self.width, MOUTH_CENTER[1] * self.height
+        self._yy, self._xx = np.mgrid[y0:y1, x0:x1]
+        self._dx = (self._xx + 0.5 - cx) / max(4.0, MOUTH_WIDTH * self.width / 2)
+        self._dy = self._yy + 0.5 - cy
+        self._half_h = max(3.0, MOUTH_MAX_HEIGHT * self.height / 2)
+        self.audio = AudioBuffer()
+        self.block = 0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def push_audio(self, chunk: AudioChunk) -> None:
+        self.audio.write(chunk.samples, chunk.start)
+
+    def ready(self) -> bool:
+        return self.audio.end >= (self.block + 1) * FRAMES_PER_BLOCK * SAMPLES_PER_FRAME
+
+    def seek(self, block: int) -> None:
+        self.block = block
+
+    def next_block(self, pad_silence: bool = False) -> FrameBlock:
+        first = self.block * FRAMES_PER_BLOCK
+        end = (first + FRAMES_PER_BLOCK) * SAMPLES_PER_FRAME
+        silent = self.audio.pad_to(end) if pad_silence else 0
+        if self.audio.end < end:
+            raise RuntimeError(f"audio for frames {first}..{first + 11} has not arrived")
+        audio = self.audio.read(first * SAMPLES_PER_FRAME, end)
+        frames = np.repeat(self.base[None], FRAMES_PER_BLOCK, axis=0)
+        x0, y0, x1, y1 = self.box
+        for i in range(FRAMES_PER_BLOCK):
+            if self.blink is not None and (first + i) % 100 in (50, 51):
+                frames[i] = self.blink  # a blink every 4 s keeps the idle face alive
+            opening = mouth_opening(audio[i * SAMPLES_PER_FRAME:(i + 1) * SAMPLES_PER_FRAME])
+            ry = max(0.6, opening * self._half_h)
+            mask = self._dx**2 + (self._dy / ry) ** 2 <= 1.0
+            frames[i, y0:y1, x0:x1][mask] = MOUTH_COLOR
+        self.audio.forget_before(end)
+        self.block += 1
+        return FrameBlock(self.block - 1, first, frames, BlockTimings(), silent)
+
+    def close(self) -> None:
+        pass
+
+
+class PreviewEngine:
+    """`engine.api.Engine` with no model. `default_avatar` replaces the drawn face if given."""
+
+    name = "preview"
+    description = "preview engine (CPU, no model: the mouth follows the loudness)"
+    lookahead_s = 0.0  # a frame needs only its own 40 ms of audio
+
+    def __init__(self, config: EngineConfig | None = None,
+                 default_avatar: np.ndarray | None = None):
+        self.config = config or EngineConfig()
+        self.default_avatar = default_avatar
+        self.max_sessions = self.config.max_sessions or 8
+
+    def open_session(self, params: SessionParams) -> PreviewSession:
+        return PreviewSession(params, self.default_avatar)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,244 @@
+"""The engine loop: one OS thread drives every session's blocks; the event loop talks to it by queue.
+
+Design note (the invariant): for every session, block b (media [0.48 b, 0.48 b + 0.48) s) is
+generated as soon as its audio is in, or when its deadline t0 + 0.48 (b + 1) + look-ahead + grace
+passes, whichever is first (missing audio is then silence); among sessions, the earliest deadline
+goes first. A session that falls more than `max_lag_blocks` behind skips ahead on the audio
+timeline instead of queueing. No block starts more than `max_ahead_s` before its media time, so
+audio sent faster than real time cannot flood the viewers' frame stores.
+
+Torch-free: the engine decides what it imports. Results reach the event loop only through
+`loop.call_soon_threadsafe`; commands reach the thread only through a queue (audio is never
+dropped: the loop drains the queue every iteration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.api import (
+    BLOCK_SECONDS,
+    AudioChunk,
+    Engine,
+    EngineSession,
+    FrameBlock,
+    SessionParams,
+)
+from engine.errors import CapacityExhausted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeStats:
+    blocks: int = 0
+    silent_blocks: int = 0
+    skipped_blocks: int = 0
+    failed_sessions: int = 0
+    block_seconds_total: float = 0.0
+
+
+@dataclass
+class _Slot:
+    sid: str
+    session: EngineSession
+    t0: float
+    on_block: Callable[[FrameBlock], None]
+    on_error: Callable[[BaseException], None]
+    block: int = 0
+    compute: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+
+    def load(self) -> float:
+        """Measured share of real time this session costs (compute per block / 0.48 s)."""
+        return (sum(self.compute) / len(self.compute) / BLOCK_SECONDS) if self.compute else 0.0
+
+
+class EngineRuntime:
+    """Runs `engine` on its own thread for up to `max_sessions` sessions."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_sessions: int,
+                 lookahead_s: float = 0.0, grace_s: float = 0.05, max_lag_blocks: int = 2,
+                 max_ahead_s: float = 1.0, max_load: float = 0.85):
+        self.engine = engine
+        self.loop = loop
+        self.max_sessions = max_sessions
+        self.lookahead_s = lookahead_s
+        self.grace_s = grace_s
+        self.max_lag_blocks = max_lag_blocks
+        self.max_ahead_s = max_ahead_s
+        self.max_load = max_load
+        self.stats = RuntimeStats()
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._slots: dict[str, _Slot] = {}
+        self._reserved = 0  # sessions being opened (counted against capacity)
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # 1. the event-loop side ---------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        return len(self._slots)
+
+    def load(self) -> float:
+        with self._lock:
+            return sum(s.load() for s in self._slots.values())
+
+    def admit(self) -> None:
+        """Reserve room for one more session or raise CapacityExhausted."""
+        with self._lock:
+            count = len(self._slots) + self._reserved
+            load = sum(s.load() for s in self._slots.values())
+            per_session = load / len(self._slots) if self._slots else 0.0
+            if count >= self.max_sessions:
+                raise CapacityExhausted(f"all {self.max_sessions} session slots are in use")
+            if self._slots and load + per_session > self.max_load:
+                raise CapacityExhausted(f"the engine is at {load:.0%} of real time; another "
+                                        "session would not keep up")
+            self._reserved += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._reserved = max(0, self._reserved - 1)
+
+    async def open_session(self, sid: str, params: SessionParams,
+                           on_block: Callable[[FrameBlock], None],
+                           on_error: Callable[[BaseException], None]
+                           ) -> tuple[tuple[int, int], float]:
+        """Open a session in the engine thread (after `admit`).
+
+        Returns ((width, height), t0): media time 0 is the moment the session became ready,
+        so a slow set-up (seconds for the real model) does not start it late.
+        """
+        future: concurrent.futures.Future[tuple[tuple[int, int], float]] = (
+            concurrent.futures.Future())
+        self._commands.put(("open", (sid, params, on_block, on_error, future)))
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            self.release()
+
+    def push_audio(self, sid: str, chunk: AudioChunk) -> None:
+        self._commands.put(("audio", (sid, chunk)))
+
+    def close_session(self, sid: str) -> None:
+        self._commands.put(("close", sid))
+
+    async def aclose(self) -> None:
+        self._stopping = True
+        self._commands.put(("stop", None))
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+
+    # 2. the engine thread -------------------------------------------------------------------
+
+    def _deadline(self, slot: _Slot) -> float:
+        return slot.t0 + (slot.block + 1) * BLOCK_SECONDS + self.lookahead_s + self.grace_s
+
+    def _run(self) -> None:
+        while not self._stopping:
+            timeout = 0.05
+            now = time.monotonic()
+            if self._slots:
+                nearest = min(self._deadline(s) for s in self._slots.values())
+                timeout = min(timeout, max(0.0, nearest - now))
+            self._drain(timeout)
+            if self._stopping:
+                break
+            slot = self._pick(time.monotonic())
+            if slot is not None:
+                self._step(slot)
+        for slot in list(self._slots.values()):
+            self._close(slot.sid)
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            kind, arg = self._commands.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._apply(kind, arg)
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, kind: str, arg: Any) -> None:
+        if kind == "audio":
+            sid, chunk = arg
+            slot = self._slots.get(sid)
+            if slot is not None:
+                slot.session.push_audio(chunk)
+        elif kind == "open":
+            sid, params, on_block, on_error, future = arg
+            try:
+                session = self.engine.open_session(params)
+            except BaseException as exc:  # noqa: BLE001  (handed to the caller)
+                future.set_exception(exc)
+                return
+            t0 = time.monotonic()
+            with self._lock:
+                self._slots[sid] = _Slot(sid, session, t0, on_block, on_error)
+            future.set_result((session.size, t0))
+        elif kind == "close":
+            self._close(arg)
+        elif kind == "stop":
+            self._stopping = True
+
+    def _close(self, sid: str) -> None:
+        with self._lock:
+            slot = self._slots.pop(sid, None)
+        if slot is not None:
+            try:
+                slot.session.close()
+            except Exception:
+                log.exception("closing engine session %s failed", sid)
+
+    def _pick(self, now: float) -> _Slot | None:
+        """The due session with the earliest deadline, if any."""
+        due = []
+        for slot in self._slots.values():
+            earliest = slot.t0 + slot.block * BLOCK_SECONDS - self.max_ahead_s
+            if now < earliest:
+                continue
+            if now >= self._deadline(slot) or slot.session.ready():
+                due.append(slot)
+        return min(due, key=self._deadline) if due else None
+
+    def _step(self, slot: _Slot) -> None:
+        now = time.monotonic()
+        late = now - self._deadline(slot)
+        if late > self.max_lag_blocks * BLOCK_SECONDS:
+            target = int((now - slot.t0 - self.lookahead_s - self.grace_s) // BLOCK_SECONDS)
+            log.warning("session %s is %.2f s behind: skipping blocks %d..%d", slot.sid, late,
+                        slot.block, target - 1)
+            self.stats.skipped_blocks += target - slot.block
+            slot.session.seek(target)
+            slot.block = target
+        ready = slot.session.ready()
+        started = time.monotonic()
+        try:
+            block = slot.session.next_block(pad_silence=not ready)
+        except Exception as exc:
+            log.exception("session %s failed at block %d", slot.sid, slot.block)
+            self.stats.failed_sessions += 1
+            self._close(slot.sid)
+            self.loop.call_soon_threadsafe(slot.on_error, exc)
+            return
+        spent = time.monotonic() - started
+        slot.compute.append(spent)
+        slot.block = block.index + 1
+        self.stats.blocks += 1
+        self.stats.silent_blocks += int(block.silent_samples > 0)
+        self.stats.block_seconds_total += spent
+        self.loop.call_soon_threadsafe(slot.on_block, block)

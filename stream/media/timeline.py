@@ -1,0 +1,113 @@
+"""A session's one media clock, and the stores that live on it: frames and playout audio.
+
+Media time 0 is the session's start (`t0`, monotonic). Video frame n covers [n/25, (n+1)/25) and
+audio sample s (48 kHz for playout) sits at s/48000. Everything a viewer plays is scheduled at
+wall time t0 + delay + media time, for video and audio alike, so the two stay in sync by
+construction (audio is master: it is never dropped or stretched; video repeats or skips frames).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.api import FPS, SAMPLE_RATE, FrameBlock
+
+PLAYOUT_RATE = 48000
+SAMPLES_PER_VIDEO_FRAME = PLAYOUT_RATE // FPS  # 1920
+
+
+@dataclass
+class MediaClock:
+    t0: float  # time.monotonic() at media time 0
+    delay: float  # playout delay: media time t is presented at t0 + delay + t
+
+    @classmethod
+    def start(cls, delay: float) -> MediaClock:
+        return cls(time.monotonic(), delay)
+
+    def media_now(self) -> float:
+        """Media time being captured now (for stamping incoming audio)."""
+        return time.monotonic() - self.t0
+
+    def playing_now(self) -> float:
+        """Media time being presented now."""
+        return time.monotonic() - self.t0 - self.delay
+
+    def wall_for(self, media_t: float) -> float:
+        return self.t0 + self.delay + media_t
+
+    def frame_playing_now(self) -> int:
+        return max(0, math.ceil(self.playing_now() * FPS))
+
+    def engine_samples_now(self) -> int:
+        return max(0, round(self.media_now() * SAMPLE_RATE))
+
+
+class FrameStore:
+    """Generated frames by index; keeps the newest `capacity` frames (older ones are stale)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._frames: dict[int, np.ndarray] = {}
+        self.newest = -1
+        self.size: tuple[int, int] | None = None  # (width, height) of the frames
+
+    def put(self, block: FrameBlock) -> None:
+        for i, frame in enumerate(block.frames):
+            self._frames[block.first_frame + i] = frame
+        self.newest = max(self.newest, block.first_frame + len(block.frames) - 1)
+        self.size = block.size
+        floor = self.newest - self.capacity
+        for n in [n for n in self._frames if n <= floor]:
+            del self._frames[n]
+
+    def get(self, n: int) -> np.ndarray | None:
+        return self._frames.get(n)
+
+    def at_or_before(self, n: int) -> tuple[int, np.ndarray] | None:
+        """The newest frame with index <= n (to repeat on underrun)."""
+        candidates = [i for i in self._frames if i <= n]
+        if not candidates:
+            return None
+        best = max(candidates)
+        return best, self._frames[best]
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+
+class PlayoutAudio:
+    """The session's input audio at 48 kHz mono int16, by absolute sample index, bounded."""
+
+    def __init__(self, seconds: float):
+        self.capacity = int(seconds * PLAYOUT_RATE)
+        self._buf = np.zeros(self.capacity, np.int16)
+        self._written = np.zeros(self.capacity, bool)
+        self.end = 0  # one past the newest sample written
+
+    def write(self, start: int, samples: np.ndarray) -> None:
+        samples = samples[-self.capacity:] if len(samples) > self.capacity else samples
+        if start + len(samples) <= self.end - self.capacity:
+            return  # entirely older than what is kept
+        idx = (np.arange(start, start + len(samples))) % self.capacity
+        # clear slots between the old end and this write: they belong to a gap (silence)
+        if start > self.end:
+            gap = np.arange(self.end, start)[-self.capacity:] % self.capacity
+            self._buf[gap] = 0
+            self._written[gap] = False
+        self._buf[idx] = samples
+        self._written[idx] = True
+        self.end = max(self.end, start + len(samples))
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Samples [start, start + count); never-written or expired samples read as silence."""
+        out = np.zeros(count, np.int16)
+        lo, hi = max(start, self.end - self.capacity, 0), min(start + count, self.end)
+        if hi > lo:
+            idx = np.arange(lo, hi) % self.capacity
+            out[lo - start:hi - start] = np.where(self._written[idx], self._buf[idx], 0)
+        return out

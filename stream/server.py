@@ -1,0 +1,42 @@
+"""`avatar serve`: load config.toml, build the app, serve until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from engine.api import ConfigError
+from stream.app import build_app
+from stream.config import StreamConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the avatar server (preview engine if no checkpoint)")
+    p.add_argument("--config", default=None,
+                   help="config.toml (default: ./config.toml if present, else built-in defaults)")
+    p.add_argument("--host", default=None, help="override [server] host")
+    p.add_argument("--port", type=int, default=None, help="override [server] port")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    path = args.config or ("config.toml" if Path("config.toml").exists() else None)
+    try:
+        cfg = StreamConfig.load(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    host = args.host or cfg.server.host
+    port = cfg.server.port if args.port is None else args.port
+    engine = f"the model at {cfg.engine.checkpoint}" if cfg.engine.checkpoint else (
+        "the PREVIEW engine (no checkpoint configured)")
+    print(f"avatar server on http://{host}:{port}/call with {engine}; config: "
+          f"{path or 'built-in defaults'}", flush=True)
+    web.run_app(build_app(cfg), host=host, port=port, print=None, shutdown_timeout=5.0)
+    return 0

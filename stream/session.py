@@ -1,0 +1,249 @@
+"""One avatar session: its clock, frames and playout audio, its caller and its viewers.
+
+The caller's microphone feeds `AudioInput` (-> engine and playout store); the engine's blocks
+land in the `FrameStore`; every viewer (the caller's own peer, WHEP peers, MPEG-TS readers) plays
+from those two stores on the same clock. Any peer that disconnects is torn down completely (its
+tasks cancelled and awaited, its tracks stopped, its peer connection closed); the session itself
+ends on DELETE, idle timeout, maximum length, or an engine failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+from aiortc import RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from engine.api import AudioChunk, FrameBlock
+from stream.config import StreamConfig
+from stream.errors import ApiError
+from stream.media.audio_in import AudioInput
+from stream.media.timeline import FrameStore, MediaClock, PlayoutAudio
+from stream.media.tracks import AvatarAudioTrack, AvatarVideoTrack
+from stream.webrtc import answer_offer, negotiated_video_codec, prefer_codecs, rtc_configuration
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_GRACE_S = 5.0  # a "disconnected" peer gets this long to come back
+
+
+@dataclass
+class Peer:
+    """A WebRTC peer of the session: the caller (mic in) or a WHEP viewer."""
+
+    id: str
+    kind: str  # "caller" | "whep"
+    pc: RTCPeerConnection
+    video: AvatarVideoTrack
+    audio: AvatarAudioTrack
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    remote_tracks: list[MediaStreamTrack] = field(default_factory=list)
+    codec: str | None = None
+
+    async def aclose(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for task in list(self.tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.tasks.clear()
+        for track in (self.video, self.audio, *self.remote_tracks):
+            track.stop()
+        # shielded: a cancelled waiter would cancel aiortc's own close future (which aiortc then
+        # fails to resolve); the close itself always runs to the end
+        await asyncio.shield(self.pc.close())
+
+
+@dataclass
+class SessionStats:
+    blocks: int = 0
+    silent_blocks: int = 0
+    frames_sent: int = 0
+    last_block_at: float = 0.0
+
+
+class Session:
+    def __init__(self, sid: str, token: str, expires_at: float, size: tuple[int, int],
+                 clock: MediaClock, cfg: StreamConfig, executor: Executor,
+                 push_audio: Callable[[AudioChunk], None], close_engine: Callable[[], None],
+                 on_closed: Callable[[Session], Awaitable[None]] | None = None):
+        self.id = sid
+        self.token = token
+        self.expires_at = expires_at
+        self.size = size
+        self.clock = clock
+        self.cfg = cfg
+        self.executor = executor
+        self.created = time.monotonic()
+        self.last_activity = self.created
+        # frames from the playout delay plus two blocks of slack; 10 s of playout audio
+        self.frames = FrameStore(capacity=int((clock.delay + 1.0) * 25) + 24)
+        self.playout = PlayoutAudio(seconds=clock.delay + 10.0)
+        self.audio_in = AudioInput(clock, push_audio, self.playout)
+        self.peers: dict[str, Peer] = {}
+        self.ts_readers: dict[str, asyncio.Task] = {}
+        self.stats = SessionStats()
+        self.closed = asyncio.Event()
+        self.close_reason = ""
+        self._close_engine = close_engine
+        self._on_closed = on_closed
+        self._tasks: set[asyncio.Task] = set()
+        self.log = logging.LoggerAdapter(log, {"session": sid})
+
+    # 1. engine results (on the event loop) --------------------------------------------------
+
+    def on_block(self, block: FrameBlock) -> None:
+        self.frames.put(block)
+        self.stats.blocks += 1
+        self.stats.silent_blocks += int(block.silent_samples > 0)
+        self.stats.last_block_at = time.monotonic()
+
+    def on_engine_error(self, exc: BaseException) -> None:
+        self._spawn(self.aclose(f"engine failure: {exc}"), f"close-{self.id}")
+
+    # 2. liveness ------------------------------------------------------------------------------
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    @property
+    def viewer_count(self) -> int:
+        return len(self.peers) + len(self.ts_readers)
+
+    def idle_for(self) -> float:
+        if self.viewer_count:
+            return 0.0
+        return time.monotonic() - self.last_activity
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # 3. WebRTC peers -------------------------------------------------------------------------
+
+    async def add_peer(self, kind: str, offer_sdp: str) -> tuple[Peer, str]:
+        """Answer a caller's offer (mic in, avatar out) or a WHEP viewer's (avatar out)."""
+        if self.closed.is_set():
+            raise ApiError(410, "session_ended", f"session {self.id} has ended")
+        if kind == "whep" and self.viewer_count >= self.cfg.sessions.max_viewers:
+            raise ApiError(429, "too_many_viewers", f"session {self.id} already has "
+                           f"{self.cfg.sessions.max_viewers} viewers (sessions.max_viewers)",
+                           retryable=True, headers={"Retry-After": "10"})
+        pid = secrets.token_urlsafe(8)
+        pc = RTCPeerConnection(rtc_configuration(self.cfg.webrtc))
+        video = AvatarVideoTrack(self.clock, self.frames, self.cfg.media, self.executor,
+                                 mode="latest" if kind == "whep" else "paced",
+                                 on_sent=self._count_frame)
+        audio = AvatarAudioTrack(self.clock, self.playout)
+        peer = Peer(pid, kind, pc, video, audio)
+        pc.addTrack(audio)
+        pc.addTrack(video)
+        prefer_codecs(pc, "video", self.cfg.webrtc.video_codecs)
+        if kind == "caller":
+            pc.on("track", lambda track: self._on_remote_track(peer, track))
+        pc.on("connectionstatechange", lambda: self._on_state(peer))
+        try:
+            answer = await answer_offer(pc, offer_sdp)
+        except BaseException:
+            await peer.aclose()
+            raise
+        peer.codec = negotiated_video_codec(answer)
+        video.codec = peer.codec or "VP8"
+        if kind == "caller":
+            # a new call replaces the previous one (a page reload, a reconnect)
+            for old in [p for p in self.peers.values() if p.kind == "caller"]:
+                self.log.info("caller %s replaced by %s", old.id, pid)
+                await self.remove_peer(old.id)
+        self.peers[pid] = peer
+        self.touch()
+        self.log.info("%s peer %s connected (video %s)", kind, pid, peer.codec)
+        return peer, answer
+
+    def _count_frame(self, n: int) -> None:
+        self.stats.frames_sent += 1
+
+    def _on_remote_track(self, peer: Peer, track: MediaStreamTrack) -> None:
+        peer.remote_tracks.append(track)
+        if track.kind != "audio":
+            return
+        task = asyncio.get_running_loop().create_task(self._read_mic(track),
+                                                      name=f"mic-{self.id}-{peer.id}")
+        peer.tasks.add(task)
+        task.add_done_callback(peer.tasks.discard)
+
+    async def _read_mic(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if isinstance(frame, av.AudioFrame):
+                self.audio_in.push_frame(frame)
+            self.touch()
+
+    def _on_state(self, peer: Peer) -> None:
+        state = peer.pc.connectionState
+        if state in ("failed", "closed"):
+            self._spawn(self.remove_peer(peer.id), f"drop-{self.id}-{peer.id}")
+        elif state == "disconnected":
+            self._spawn(self._drop_if_still_disconnected(peer), f"grace-{self.id}-{peer.id}")
+
+    async def _drop_if_still_disconnected(self, peer: Peer) -> None:
+        await asyncio.sleep(DISCONNECT_GRACE_S)
+        if peer.pc.connectionState in ("disconnected", "failed", "closed"):
+            await self.remove_peer(peer.id)
+
+    async def remove_peer(self, pid: str) -> bool:
+        peer = self.peers.pop(pid, None)
+        if peer is None:
+            return False
+        self.touch()
+        await peer.aclose()
+        self.log.info("%s peer %s gone", peer.kind, pid)
+        return True
+
+    # 4. shutdown -----------------------------------------------------------------------------
+
+    async def aclose(self, reason: str) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        self.close_reason = reason
+        self.log.info("session ends: %s", reason)
+        self._close_engine()
+        for pid in list(self.peers):
+            await self.remove_peer(pid)
+        for task in list(self.ts_readers.values()):
+            task.cancel()
+        current = asyncio.current_task()
+        for task in [t for t in self._tasks if t is not current]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._on_closed is not None:
+            await self._on_closed(self)
+
+    def describe(self) -> dict:
+        return {
+            "session_id": self.id,
+            "video": {"width": self.size[0], "height": self.size[1], "fps": 25},
+            "playout_delay_ms": round(self.clock.delay * 1000),
+            "age_s": round(time.monotonic() - self.created, 1),
+            "viewers": {"caller": sum(p.kind == "caller" for p in self.peers.values()),
+                        "whep": sum(p.kind == "whep" for p in self.peers.values()),
+                        "mpegts": len(self.ts_readers)},
+            "blocks": self.stats.blocks, "silent_blocks": self.stats.silent_blocks,
+            "frames_sent": self.stats.frames_sent,
+            "audio_in_seconds": round(self.audio_in.samples_in / 16000, 2),
+        }

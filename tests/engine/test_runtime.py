@@ -1,0 +1,128 @@
+"""The engine loop thread: deadlines, silence, skip-ahead, admission, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from engine.api import AudioChunk, BlockTimings, FrameBlock, SessionParams
+from engine.errors import CapacityExhausted
+from engine.preview import PreviewEngine
+from engine.runtime import EngineRuntime
+
+
+async def open_one(runtime: EngineRuntime, sid: str = "s"):  # noqa: ANN201
+    blocks: list[tuple[float, FrameBlock]] = []
+    errors: list[BaseException] = []
+    runtime.admit()
+    size, t0 = await runtime.open_session(sid, SessionParams(size="128*64"),
+                                          lambda b: blocks.append((time.monotonic(), b)),
+                                          errors.append)
+    return blocks, errors, t0
+
+
+async def test_blocks_come_on_deadline_as_silence_when_no_audio() -> None:
+    runtime = EngineRuntime(PreviewEngine(), asyncio.get_running_loop(), max_sessions=2)
+    blocks, _, t0 = await open_one(runtime)
+    await asyncio.sleep(1.3)
+    await runtime.aclose()
+    assert [b.index for _, b in blocks][:2] == [0, 1]
+    assert all(b.silent_samples > 0 for _, b in blocks)
+    # block 0 is due at t0 + 0.48 s (+ grace), not earlier
+    assert blocks[0][0] - t0 >= 0.48
+
+
+async def test_audio_makes_a_block_start_before_its_deadline() -> None:
+    runtime = EngineRuntime(PreviewEngine(), asyncio.get_running_loop(), max_sessions=2,
+                            grace_s=0.5)
+    blocks, _, t0 = await open_one(runtime)
+    runtime.push_audio("s", AudioChunk(np.zeros(7680, np.float32), 0))
+    await asyncio.sleep(0.3)
+    await runtime.aclose()
+    assert blocks and blocks[0][1].silent_samples == 0 and blocks[0][0] - t0 < 0.3
+
+
+class SlowEngine(PreviewEngine):
+    """A preview engine whose blocks take 0.9 s: slower than real time."""
+
+    def open_session(self, params: SessionParams):  # noqa: ANN201
+        inner = super().open_session(params)
+        original = inner.next_block
+
+        def slow(pad_silence: bool = False) -> FrameBlock:
+            time.sleep(0.9)
+            return original(pad_silence)
+
+        inner.next_block = slow  # type: ignore[method-assign]
+        return inner
+
+
+async def test_a_late_session_skips_ahead_instead_of_queueing() -> None:
+    runtime = EngineRuntime(SlowEngine(), asyncio.get_running_loop(), max_sessions=2)
+    blocks, _, t0 = await open_one(runtime)
+    await asyncio.sleep(4.5)
+    await runtime.aclose()
+    indices = [b.index for _, b in blocks]
+    assert runtime.stats.skipped_blocks > 0
+    assert indices == sorted(indices) and indices[-1] >= len(indices) + 1
+    # after catching up, no block is more than max_lag behind its media time
+    at, last = blocks[-1]
+    assert at - t0 - (last.index + 1) * 0.48 < 3 * 0.48 + 0.9
+
+
+async def test_admission_counts_sessions_and_measured_load() -> None:
+    runtime = EngineRuntime(PreviewEngine(), asyncio.get_running_loop(), max_sessions=1)
+    await open_one(runtime)
+    with pytest.raises(CapacityExhausted):
+        runtime.admit()
+    runtime.close_session("s")
+    await asyncio.sleep(0.1)
+    runtime.admit()
+    runtime.release()
+    slow = EngineRuntime(SlowEngine(), asyncio.get_running_loop(), max_sessions=5)
+    await open_one(slow)
+    await asyncio.sleep(2.0)
+    with pytest.raises(CapacityExhausted, match="real time"):
+        slow.admit()  # 0.9 s per 0.48 s block: another session would not keep up
+    await runtime.aclose()
+    await slow.aclose()
+
+
+async def test_engine_failure_is_reported_and_the_session_dropped() -> None:
+    class Broken(PreviewEngine):
+        def open_session(self, params):  # noqa: ANN001, ANN201
+            inner = super().open_session(params)
+
+            def boom(pad_silence: bool = False) -> FrameBlock:
+                raise RuntimeError("GPU fell over")
+
+            inner.next_block = boom  # type: ignore[method-assign]
+            return inner
+
+    runtime = EngineRuntime(Broken(), asyncio.get_running_loop(), max_sessions=1)
+    _, errors, _ = await open_one(runtime)
+    await asyncio.sleep(0.8)
+    assert errors and "GPU fell over" in str(errors[0])
+    assert runtime.active == 0 and runtime.stats.failed_sessions == 1
+    await runtime.aclose()
+
+
+async def test_open_errors_reach_the_caller() -> None:
+    runtime = EngineRuntime(PreviewEngine(), asyncio.get_running_loop(), max_sessions=1)
+    runtime.admit()
+    from engine.errors import InputError
+
+    with pytest.raises(InputError):
+        await runtime.open_session("x", SessionParams(size="tiny"), print, print)
+    runtime.admit()  # the reservation was released
+    runtime.release()
+    await runtime.aclose()
+    assert not runtime._thread.is_alive()
+
+
+def test_frameblock_defaults() -> None:
+    b = FrameBlock(0, 0, np.zeros((12, 8, 16, 3), np.uint8), BlockTimings())
+    assert b.size == (16, 8) and b.fps == 25

@@ -1,0 +1,199 @@
+"""aiortc test clients: a caller (synthetic microphone in, avatar out) and a WHEP viewer.
+
+They record what a player would need for A/V measurements: every decoded video frame's mouth
+opening and every 5 ms of decoded audio's loudness, each stamped with the *sender's* wall clock
+derived from RTCP sender reports (the mapping browsers use for lip sync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import time
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+from aiohttp import ClientSession
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+from aiortc.rtcrtpreceiver import RTCRtpReceiver
+from aiortc.rtp import RtcpSrPacket
+
+from engine.preview import mouth_box
+
+NTP_EPOCH = 2**32
+
+
+class SignalTrack(AudioStreamTrack):
+    """A microphone that plays `signal` (float32 mono 48 kHz, looped) in real time."""
+
+    def __init__(self, signal: np.ndarray):
+        super().__init__()
+        self.signal = (np.clip(signal, -1, 1) * 32767).astype(np.int16)
+        self._pos = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        n = 960
+        if self._start is None:
+            self._start = time.monotonic()
+        wait = self._start + self._pos / 48000 - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        idx = (np.arange(self._pos, self._pos + n)) % len(self.signal)
+        frame = av.AudioFrame.from_ndarray(self.signal[idx].reshape(1, -1), format="s16",
+                                           layout="mono")
+        frame.sample_rate = 48000
+        frame.pts = self._pos
+        frame.time_base = fractions.Fraction(1, 48000)
+        self._pos += n
+        return frame
+
+
+def bursts(seconds: float, seed: int = 0) -> np.ndarray:
+    """Tone bursts of random lengths separated by silences: sharp loudness edges."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(int(seconds * 48000), np.float32)
+    t = 0.3
+    while t < seconds:
+        on = rng.uniform(0.15, 0.5)
+        start, stop = int(t * 48000), int(min(seconds, t + on) * 48000)
+        k = np.arange(stop - start)
+        out[start:stop] = 0.5 * np.sin(2 * np.pi * 220 * k / 48000)
+        t += on + rng.uniform(0.15, 0.5)
+    return out
+
+
+@dataclass
+class Reports:
+    """RTCP sender reports per media kind: (ntp seconds, rtp timestamp)."""
+
+    by_kind: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+
+
+def _patch_receivers(pc: RTCPeerConnection, reports: Reports) -> None:
+    for transceiver in pc.getTransceivers():
+        receiver: RTCRtpReceiver = transceiver.receiver
+        kind = transceiver.kind
+        original = receiver._handle_rtcp_packet
+
+        async def handle(packet, original=original, kind=kind):  # noqa: ANN001, ANN202
+            if isinstance(packet, RtcpSrPacket):
+                ntp = packet.sender_info.ntp_timestamp
+                reports.by_kind.setdefault(kind, []).append(
+                    ((ntp >> 32) + (ntp & 0xFFFFFFFF) / NTP_EPOCH,
+                     packet.sender_info.rtp_timestamp))
+            return await original(packet)
+
+        receiver._handle_rtcp_packet = handle
+
+
+@dataclass
+class Recording:
+    video: list[tuple[int, float, float]] = field(default_factory=list)  # (rtp pts, arrival, mouth)
+    audio: list[tuple[int, float, np.ndarray]] = field(default_factory=list)  # (rtp pts, arrival, rms per 5 ms)
+    video_size: tuple[int, int] | None = None
+
+
+def mouth_dark_fraction(rgb: np.ndarray) -> float:
+    """Share of the preview's mouth box that is mouth-dark (the mouth-opening signal)."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = mouth_box(w, h)
+    region = rgb[max(0, y0):y1, max(0, x0):x1].astype(np.int16)
+    dark = (region.sum(axis=2) < 150) & (region[:, :, 0] > region[:, :, 2])
+    return float(dark.mean())
+
+
+class Client:
+    """One peer connection to the server, recording what it receives."""
+
+    def __init__(self) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.reports = Reports()
+        self.recording = Recording()
+        self.tasks: list[asyncio.Task] = []
+        self.location: str | None = None
+        self.peer_id: str | None = None
+        self.pc.on("track", self._on_track)
+
+    def _on_track(self, track) -> None:  # noqa: ANN001
+        self.tasks.append(asyncio.get_running_loop().create_task(
+            self._consume(track), name=f"client-{track.kind}"))
+
+    async def _consume(self, track) -> None:  # noqa: ANN001
+        rec = self.recording
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            now = time.monotonic()
+            if track.kind == "video":
+                rgb = frame.to_ndarray(format="rgb24")
+                rec.video_size = (rgb.shape[1], rgb.shape[0])
+                rec.video.append((frame.pts, now, mouth_dark_fraction(rgb)))
+            else:
+                pcm = frame.to_ndarray().astype(np.float32).reshape(-1, len(frame.layout.channels))
+                mono = pcm.mean(axis=1) / 32768.0
+                step = frame.sample_rate // 200  # 5 ms
+                rms = np.sqrt(np.mean(mono[: len(mono) // step * step].reshape(-1, step) ** 2, axis=1))
+                rec.audio.append((frame.pts, now, rms))
+
+    def origin(self, kind: str) -> int:
+        """The first RTP timestamp aiortc saw for `kind` (its decoded pts are relative to it)."""
+        for t in self.pc.getTransceivers():
+            if t.kind == kind:
+                return t.receiver._RTCRtpReceiver__timestamp_mapper._origin
+        raise KeyError(kind)
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def call(http: ClientSession, session: dict, signal: np.ndarray | None = None) -> Client:
+    """Connect as the caller: the synthetic mic goes in, the avatar comes back."""
+    client = Client()
+    mic = SignalTrack(signal if signal is not None else bursts(10.0))
+    client.pc.addTrack(mic)
+    client.pc.addTransceiver("video", direction="recvonly")
+    _patch_receivers(client.pc, client.reports)
+    await client.pc.setLocalDescription(await client.pc.createOffer())
+    async with http.post(session["urls"]["offer"], json={
+            "sdp": client.pc.localDescription.sdp, "type": "offer"},
+            headers={"Authorization": f"Bearer {session['token']}"}) as r:
+        body = await r.json()
+        assert r.status == 200, body
+    client.peer_id = body["peer_id"]
+    await client.pc.setRemoteDescription(RTCSessionDescription(body["sdp"], "answer"))
+    return client
+
+
+async def whep(http: ClientSession, session: dict) -> Client:
+    client = Client()
+    client.pc.addTransceiver("video", direction="recvonly")
+    client.pc.addTransceiver("audio", direction="recvonly")
+    _patch_receivers(client.pc, client.reports)
+    await client.pc.setLocalDescription(await client.pc.createOffer())
+    async with http.post(session["urls"]["whep"], data=client.pc.localDescription.sdp,
+                         headers={"Authorization": f"Bearer {session['token']}",
+                                  "Content-Type": "application/sdp"}) as r:
+        text = await r.text()
+        assert r.status == 201, text
+        client.location = r.headers["Location"]
+    await client.pc.setRemoteDescription(RTCSessionDescription(text, "answer"))
+    return client
+
+
+async def wait_for(predicate, seconds: float, interval: float = 0.1) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return predicate()

@@ -1,0 +1,248 @@
+"""The HTTP API of `avatar serve`: sessions, health, metrics, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+
+import av
+import numpy as np
+import pytest
+from aiohttp import ClientSession, FormData
+
+from stream.app import STATE
+from stream.config import ServerConfig, SessionsConfig
+from tests.stream.conftest import Running, make_config, start_server
+
+GOOD_OFFER = "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+
+
+def png_bytes(w: int = 96, h: int = 64) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="image2pipe") as c:
+        s = c.add_stream("png", rate=1)
+        s.width, s.height, s.pix_fmt = w, h, "rgb24"
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:, :, 1] = 200
+        c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode(None))
+    return buf.getvalue()
+
+
+async def error_of(response) -> dict:  # noqa: ANN001
+    body = await response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "retryable"}
+    return body["error"]
+
+
+async def test_health_ready_and_metrics(running: Running) -> None:
+    async with running.http.get(f"{running.base}/healthz") as r:
+        assert r.status == 200 and (await r.json())["status"] == "ok"
+    async with running.http.get(f"{running.base}/readyz") as r:
+        body = await r.json()
+        assert r.status == 200 and body["ready"] and body["engine"] == "preview"
+        assert body["preview"] is True and "preview" in body["description"]
+    await running.create()
+    async with running.http.get(f"{running.base}/metrics") as r:
+        text = await r.text()
+        assert r.status == 200 and r.content_type == "text/plain"
+    assert "# TYPE avatar_sessions_active gauge" in text
+    assert "avatar_sessions_active 1" in text
+    assert "avatar_sessions_created_total 1" in text
+
+
+async def test_create_session_returns_everything_a_client_needs(running: Running) -> None:
+    body = await running.create(prompt="a dwarf talking", seed=3)
+    assert body["engine"]["preview"] is True
+    assert body["video"] == {"width": 256, "height": 128, "fps": 25}
+    assert body["audio_out"] == {"sample_rate": 48000}
+    assert body["ice_servers"] == []  # none unless configured
+    sid, token = body["session_id"], body["token"]
+    assert body["urls"]["call"].endswith(f"/call?session={sid}&token={token}")
+    assert body["urls"]["stream_ts"].endswith(f"/v1/sessions/{sid}/stream.ts?token={token}")
+    assert body["expires_at"] > time.time()
+    async with running.http.get(body["urls"]["session"],
+                                headers={"Authorization": f"Bearer {token}"}) as r:
+        got = await r.json()
+        assert r.status == 200 and got["session_id"] == sid and got["engine"]["name"] == "preview"
+
+
+async def test_image_upload_multipart_and_base64(running: Running) -> None:
+    form = FormData()
+    form.add_field("image", png_bytes(), filename="face.png", content_type="image/png")
+    form.add_field("size", "128*128")
+    async with running.http.post(f"{running.base}/v1/sessions", data=form) as r:
+        body = await r.json()
+        assert r.status == 201, body
+        assert (body["video"]["width"], body["video"]["height"]) == (128, 64)  # its 3:2 aspect
+    data = base64.b64encode(png_bytes(200, 100)).decode()
+    async with running.http.post(f"{running.base}/v1/sessions",
+                                 json={"image": data, "size": "256*128"}) as r:
+        body = await r.json()
+        assert r.status == 201 and body["video"]["width"] == 256 and body["video"]["height"] == 128
+
+
+async def test_delete_and_keepalive(running: Running) -> None:
+    body = await running.create()
+    auth = {"Authorization": f"Bearer {body['token']}"}
+    async with running.http.post(f"{body['urls']['session']}/keepalive", headers=auth) as r:
+        assert r.status == 204
+    async with running.http.delete(body["urls"]["session"], headers=auth) as r:
+        assert r.status == 204
+    async with running.http.get(body["urls"]["session"], headers=auth) as r:
+        assert r.status == 404 and (await error_of(r))["code"] == "not_found"
+    assert running.manager.sessions == {}
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"sdp": "hello", "type": "offer"}, "malformed_sdp"),
+    ({"sdp": "v=0\r\no=- 0 0 IN IP4 0.0.0.0\r\ns=-\r\n", "type": "offer"}, "malformed_sdp"),
+    ({"sdp": GOOD_OFFER, "type": "offer"}, "malformed_sdp"),  # no ICE/DTLS: aiortc rejects it
+    ({"sdp": GOOD_OFFER, "type": "answer"}, "malformed_sdp"),
+])
+async def test_malformed_sdp(running: Running, body: dict, code: str) -> None:
+    s = await running.create()
+    async with running.http.post(s["urls"]["offer"], json=body,
+                                 headers={"Authorization": f"Bearer {s['token']}"}) as r:
+        assert r.status == 400
+        err = await error_of(r)
+        assert err["code"] == code and err["retryable"] is False
+    async with running.http.post(s["urls"]["whep"], data=body["sdp"],
+                                 headers={"Authorization": f"Bearer {s['token']}",
+                                          "Content-Type": "application/sdp"}) as r:
+        assert r.status == 400 and (await error_of(r))["code"] == "malformed_sdp"
+    # the session is unharmed
+    assert running.manager.get(s["session_id"]).peers == {}
+
+
+async def test_unknown_session_and_peer(running: Running) -> None:
+    async with running.http.post(f"{running.base}/v1/sessions/nope/offer",
+                                 json={"sdp": GOOD_OFFER, "type": "offer"}) as r:
+        assert r.status == 404 and "nope" in (await error_of(r))["message"]
+    s = await running.create()
+    async with running.http.delete(f"{s['urls']['whep']}/nobody",
+                                   headers={"Authorization": f"Bearer {s['token']}"}) as r:
+        assert r.status == 404
+    async with running.http.get(f"{running.base}/v1/nothing/here") as r:
+        assert r.status == 404 and (await error_of(r))["code"] == "not_found"
+
+
+async def test_tokens(running: Running) -> None:
+    a, b = await running.create(), await running.create()
+    cases = [({}, "unauthorized"), ({"Authorization": "Bearer garbage"}, "invalid_token"),
+             ({"Authorization": f"Bearer {b['token']}"}, "invalid_token")]
+    for headers, code in cases:
+        async with running.http.get(a["urls"]["session"], headers=headers) as r:
+            assert r.status == 401 and (await error_of(r))["code"] == code
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+    async with running.http.get(f"{a['urls']['session']}?token={a['token']}") as r:
+        assert r.status == 200
+
+
+async def test_expired_token() -> None:
+    runner, base = await start_server(make_config(server=ServerConfig(port=0, token_ttl_s=1.0)))
+    try:
+        async with ClientSession() as http:
+            async with http.post(f"{base}/v1/sessions", json={}) as r:
+                s = await r.json()
+            await asyncio.sleep(1.3)
+            async with http.post(s["urls"]["offer"], json={"sdp": GOOD_OFFER, "type": "offer"},
+                                 headers={"Authorization": f"Bearer {s['token']}"}) as r:
+                assert r.status == 401
+                err = await error_of(r)
+                assert err["code"] == "token_expired" and "expired" in err["message"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_api_keys_guard_session_creation() -> None:
+    key = "k" * 24
+    runner, base = await start_server(make_config(server=ServerConfig(port=0, api_keys=(key,))))
+    try:
+        async with ClientSession() as http:
+            async with http.post(f"{base}/v1/sessions", json={}) as r:
+                assert r.status == 401 and (await error_of(r))["code"] == "unauthorized"
+            async with http.post(f"{base}/v1/sessions", json={},
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 201
+    finally:
+        await runner.cleanup()
+
+
+async def test_wrong_content_types(running: Running) -> None:
+    s = await running.create()
+    auth = {"Authorization": f"Bearer {s['token']}"}
+    async with running.http.post(s["urls"]["offer"], data="v=0",
+                                 headers={**auth, "Content-Type": "application/sdp"}) as r:
+        assert r.status == 415 and (await error_of(r))["code"] == "unsupported_media_type"
+    async with running.http.post(s["urls"]["whep"], json={"sdp": GOOD_OFFER}, headers=auth) as r:
+        assert r.status == 415
+    async with running.http.post(f"{running.base}/v1/sessions", data="size=1",
+                                 headers={"Content-Type": "text/plain"}) as r:
+        assert r.status == 415
+    async with running.http.post(f"{running.base}/v1/sessions", data="{not json",
+                                 headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 400 and (await error_of(r))["code"] == "malformed_json"
+
+
+async def test_oversized_upload(running: Running) -> None:
+    limit = running.server.cfg.server.max_upload_bytes
+    form = FormData()
+    form.add_field("image", b"\0" * (limit + 1), filename="huge.png", content_type="image/png")
+    async with running.http.post(f"{running.base}/v1/sessions", data=form) as r:
+        assert r.status == 413
+        err = await error_of(r)
+        assert err["code"] == "payload_too_large" and str(limit) in err["message"]
+    async with running.http.get(f"{running.base}/healthz") as r:
+        assert r.status == 200  # nothing else broke
+
+
+@pytest.mark.parametrize("payload", [b"this is not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 64])
+async def test_unsupported_image(running: Running, payload: bytes) -> None:
+    form = FormData()
+    form.add_field("image", payload, filename="x.png", content_type="image/png")
+    async with running.http.post(f"{running.base}/v1/sessions", data=form) as r:
+        assert r.status == 415
+        err = await error_of(r)
+        assert err["code"] == "unsupported_image" and "JPEG" in err["message"]
+    async with running.http.post(f"{running.base}/v1/sessions",
+                                 json={"image": "%%% not base64"}) as r:
+        assert r.status == 400 and (await error_of(r))["code"] == "invalid_image"
+
+
+async def test_bad_fields(running: Running) -> None:
+    for body, code in [({"avatar": "ghost"}, "unknown_avatar"), ({"colour": "red"},
+                       "unknown_field"), ({"seed": "x"}, "invalid_seed"),
+                       ({"size": "huge"}, "invalid_session_params")]:
+        async with running.http.post(f"{running.base}/v1/sessions", json=body) as r:
+            assert r.status in (400, 422), body
+            assert (await error_of(r))["code"] == code
+
+
+async def test_capacity_is_a_typed_503_with_retry_after() -> None:
+    runner, base = await start_server(make_config(), max_sessions=1)
+    try:
+        async with ClientSession() as http:
+            async with http.post(f"{base}/v1/sessions", json={}) as r:
+                assert r.status == 201
+            async with http.post(f"{base}/v1/sessions", json={}) as r:
+                assert r.status == 503 and int(r.headers["Retry-After"]) > 0
+                err = await error_of(r)
+                assert err["code"] == "capacity_exhausted" and err["retryable"] is True
+    finally:
+        await runner.cleanup()
+
+
+async def test_idle_timeout_ends_the_session() -> None:
+    cfg = make_config(sessions=SessionsConfig(idle_timeout_s=1.0, default_size="128*64"))
+    runner, base = await start_server(cfg)
+    try:
+        async with ClientSession() as http:
+            async with http.post(f"{base}/v1/sessions", json={}) as r:
+                sid = (await r.json())["session_id"]
+            await asyncio.sleep(3.0)
+            assert sid not in runner.app[STATE]["server"].manager.sessions
+    finally:
+        await runner.cleanup()

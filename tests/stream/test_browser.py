@@ -1,0 +1,111 @@
+"""End to end in real headless Chromium (Debian's, driven by Playwright): the call page with a
+fake microphone playing a speech WAV, and the OBS page in a second browser context."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from tests.stream.conftest import Running
+from tests.stream.rtc_client import wait_for
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+         "--allow-loopback-in-peer-connection", "--autoplay-policy=no-user-gesture-required"]
+
+
+def loopback_only() -> bool:
+    """Only `lo` exists: Chromium cannot reach anything but 127.0.0.0/8 (.ci/test's namespace)."""
+    return {name for _, name in socket.if_nameindex()} <= {"lo"}
+
+
+def pcm_wav(source: Path, target: Path) -> Path:
+    """Chromium's fake capture wants 16-bit PCM WAV; the examples are 32-bit float."""
+    with av.open(str(source)) as c:
+        rs = av.AudioResampler(format="s16", layout="mono", rate=48000)
+        chunks = [f.to_ndarray().reshape(-1) for fr in c.decode(audio=0) for f in rs.resample(fr)]
+    pcm = np.concatenate(chunks).astype("<i2").tobytes()
+    header = (b"RIFF" + (36 + len(pcm)).to_bytes(4, "little") + b"WAVEfmt "
+              + (16).to_bytes(4, "little") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+              + (48000).to_bytes(4, "little") + (96000).to_bytes(4, "little")
+              + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+              + b"data" + len(pcm).to_bytes(4, "little"))
+    target.write_bytes(header + pcm)
+    return target
+
+
+@pytest.fixture
+def chromium_args(examples: Path, tmp_path: Path) -> list[str]:
+    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
+        pytest.fail("Debian's chromium is not installed: run .ci/install")
+    if not loopback_only():
+        pytest.skip("needs a loopback-only network namespace: run the suite with .ci/test")
+    wav = pcm_wav(examples / "dwarven_blacksmith.wav", tmp_path / "mic.wav")
+    return [*FLAGS, f"--use-file-for-fake-audio-capture={wav}"]
+
+
+async def test_call_and_obs_pages(running: Running, chromium_args: list[str]) -> None:
+    from playwright.async_api import async_playwright
+
+    before = {t for t in asyncio.all_tasks() if not t.done()}
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                          args=chromium_args)
+        try:
+            caller_ctx = await browser.new_context()
+            call_page = await caller_ctx.new_page()
+            await call_page.goto(f"{running.base}/call?size=256*128")
+            await call_page.click("#start")
+            await call_page.wait_for_function("window.avatarStats.state === 'connected'",
+                                              timeout=30_000)
+            # the OBS page of the same session, in a second browser context
+            viewer_url = await call_page.get_attribute("#viewer-link", "href")
+            assert viewer_url and "/obs/" in viewer_url and "audio=1" in viewer_url
+            obs_ctx = await browser.new_context()
+            obs_page = await obs_ctx.new_page()
+            await obs_page.goto(viewer_url)
+            await call_page.wait_for_function("window.avatarStats.framesDecoded >= 100",
+                                              timeout=60_000)
+            await obs_page.wait_for_function("window.avatarStats.framesDecoded >= 50",
+                                             timeout=60_000)
+            call_stats = await call_page.evaluate("window.avatarStats")
+            obs_stats = await obs_page.evaluate("window.avatarStats")
+            assert call_stats["audioSamples"] > 0 and call_stats["audioPackets"] > 0
+            assert obs_stats["audioPackets"] > 0
+            assert (call_stats["width"], call_stats["height"]) == (256, 128)
+            assert "H264" in call_stats["codec"]
+            overlay = await call_page.text_content("#stats")
+            assert "fps" in overlay and "256×128" in overlay and "A/V" in overlay
+            assert await call_page.is_visible("#badge")  # the preview engine is labelled
+
+            session = next(iter(running.manager.sessions.values()))
+            assert {p.kind for p in session.peers.values()} == {"caller", "whep"}
+            assert session.audio_in.samples_in > 16000  # the fake mic reached the engine
+            caller = next(p for p in session.peers.values() if p.kind == "caller")
+
+            # the caller's browser goes away mid-stream; the viewer keeps watching
+            await caller_ctx.close()
+            assert await wait_for(lambda: caller.id not in session.peers, 40)
+            assert caller.pc.connectionState == "closed"
+            assert caller.video.readyState == "ended" and caller.audio.readyState == "ended"
+            assert all(t.readyState == "ended" for t in caller.remote_tracks)
+            assert not caller.tasks
+            frames = (await obs_page.evaluate("window.avatarStats"))["framesDecoded"]
+            await asyncio.sleep(2.0)
+            assert (await obs_page.evaluate("window.avatarStats"))["framesDecoded"] > frames + 25
+            await obs_ctx.close()
+            assert await wait_for(lambda: not session.peers, 40)
+        finally:
+            await browser.close()
+    leftover = {t for t in asyncio.all_tasks() if not t.done()} - before - {asyncio.current_task()}
+    assert await wait_for(lambda: not {t for t in leftover if not t.done()}, 10), leftover
