@@ -1,4 +1,4 @@
-"""Engine-side `avatar` subcommands: make-tiny-checkpoint, check-checkpoint.
+"""Engine-side `avatar` subcommands: make-tiny-checkpoint, check-checkpoint, bench.
 
 This module is torch-free at import (the CLI is built by `stream.cli`, which must not import
 torch); each command imports what it needs when it runs.
@@ -28,6 +28,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-keys", type=int, default=12, help="keys listed per problem kind")
     p.set_defaults(func=check_checkpoint)
 
+    p = sub.add_parser("bench", help="per-stage timings with random weights (14B shapes on a GPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU")
+    p.add_argument("--size", default="704*384", help="generation area budget (default 704*384)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--blocks", type=int, default=8, help="blocks to run (half are warm-up)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=bench)
+
 
 def make_tiny_checkpoint(args: argparse.Namespace) -> int:
     from engine.checkpoint.tiny import make_tiny_checkpoint as make
@@ -48,3 +57,9 @@ def check_checkpoint(args: argparse.Namespace) -> int:
         return 2
     print(report.format(args.max_keys))
     return 0 if report.ok else 1
+
+
+def bench(args: argparse.Namespace) -> int:
+    from engine.bench import command
+
+    return command(args)

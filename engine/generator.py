@@ -13,6 +13,8 @@ Per block b (video frames [12b, 12b+12) = latent frames [3b, 3b+3)):
 3. at block `sink_refresh_block` the sink is re-prefilled with the first generated latent frame
    as the new reference (Live-Avatar's refresh after its first 48-frame clip);
 4. the 3 clean latents are decoded with the causal cache carried over -> 12 uint8 RGB frames.
+   Unlike upstream, which drops the first 3 decoded frames of the stream (and so runs 120 ms
+   ahead of its audio), every block keeps all 12: video frame n is always media time n/25 s.
 
 A `DenoiseStage` touches nothing but its own ring and the shared, read-only conditioning, so a
 later multi-GPU runner can place stage i on rank i and pass only the block latents between ranks.

@@ -82,6 +82,10 @@ class EngineRuntime:
         self._reserved = 0  # sessions being opened (counted against capacity)
         self._lock = threading.Lock()
         self._stopping = False
+        self._abandoned: set[str] = set()  # closed before their open finished
+        # sessions are set up on their own thread: seconds of VAE/T5/prefill work for the real
+        # model must not stall the blocks of the sessions already running
+        self._opener = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-open")
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -123,9 +127,12 @@ class EngineRuntime:
         """
         future: concurrent.futures.Future[tuple[tuple[int, int], float]] = (
             concurrent.futures.Future())
-        self._commands.put(("open", (sid, params, on_block, on_error, future)))
+        self._opener.submit(self._open, sid, params, on_block, on_error, future)
         try:
             return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.close_session(sid)  # the caller left: never keep a session nobody owns
+            raise
         finally:
             self.release()
 
@@ -138,28 +145,56 @@ class EngineRuntime:
     async def aclose(self) -> None:
         self._stopping = True
         self._commands.put(("stop", None))
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._thread.join, 30.0)
+        self._opener.shutdown(wait=False, cancel_futures=True)
 
-    # 2. the engine thread -------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # 2. the opener thread ---------------------------------------------------------------------
+
+    def _open(self, sid: str, params: SessionParams, on_block: Callable[[FrameBlock], None],
+              on_error: Callable[[BaseException], None],
+              future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the caller gave up before we started
+        try:
+            session = self.engine.open_session(params)
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller)
+            future.set_exception(exc)
+            self._commands.put(("forget", sid))
+            return
+        self._commands.put(("opened", (sid, session, on_block, on_error, future)))
+
+    # 3. the engine thread -------------------------------------------------------------------
 
     def _deadline(self, slot: _Slot) -> float:
         return slot.t0 + (slot.block + 1) * BLOCK_SECONDS + self.lookahead_s + self.grace_s
 
     def _run(self) -> None:
         while not self._stopping:
-            timeout = 0.05
-            now = time.monotonic()
-            if self._slots:
-                nearest = min(self._deadline(s) for s in self._slots.values())
-                timeout = min(timeout, max(0.0, nearest - now))
-            self._drain(timeout)
-            if self._stopping:
-                break
-            slot = self._pick(time.monotonic())
-            if slot is not None:
-                self._step(slot)
+            try:
+                self._iterate()
+            except Exception:  # the loop must outlive any one bug: log, then carry on
+                log.exception("engine loop iteration failed")
+                time.sleep(0.01)
         for slot in list(self._slots.values()):
             self._close(slot.sid)
+
+    def _iterate(self) -> None:
+        timeout = 0.05
+        now = time.monotonic()
+        if self._slots:
+            nearest = min(self._deadline(s) for s in self._slots.values())
+            timeout = min(timeout, max(0.0, nearest - now))
+        self._drain(timeout)
+        if self._stopping:
+            return
+        slot = self._pick(time.monotonic())
+        if slot is not None:
+            self._step(slot)
 
     def _drain(self, timeout: float) -> None:
         try:
@@ -178,20 +213,26 @@ class EngineRuntime:
             sid, chunk = arg
             slot = self._slots.get(sid)
             if slot is not None:
-                slot.session.push_audio(chunk)
-        elif kind == "open":
-            sid, params, on_block, on_error, future = arg
-            try:
-                session = self.engine.open_session(params)
-            except BaseException as exc:  # noqa: BLE001  (handed to the caller)
-                future.set_exception(exc)
-                return
+                try:
+                    slot.session.push_audio(chunk)
+                except Exception as exc:
+                    self._fail(slot, exc)
+        elif kind == "opened":
+            sid, session, on_block, on_error, future = arg
             t0 = time.monotonic()
             with self._lock:
                 self._slots[sid] = _Slot(sid, session, t0, on_block, on_error)
+            if sid in self._abandoned:
+                self._abandoned.discard(sid)
+                self._close(sid)
             future.set_result((session.size, t0))
         elif kind == "close":
-            self._close(arg)
+            if arg in self._slots:
+                self._close(arg)
+            else:
+                self._abandoned.add(arg)  # its open may still be under way
+        elif kind == "forget":
+            self._abandoned.discard(arg)
         elif kind == "stop":
             self._stopping = True
 
@@ -203,6 +244,13 @@ class EngineRuntime:
                 slot.session.close()
             except Exception:
                 log.exception("closing engine session %s failed", sid)
+
+    def _fail(self, slot: _Slot, exc: BaseException) -> None:
+        log.error("session %s failed at block %d: %s", slot.sid, slot.block, exc,
+                  exc_info=exc)
+        self.stats.failed_sessions += 1
+        self._close(slot.sid)
+        self.loop.call_soon_threadsafe(slot.on_error, exc)
 
     def _pick(self, now: float) -> _Slot | None:
         """The due session with the earliest deadline, if any."""
@@ -218,22 +266,18 @@ class EngineRuntime:
     def _step(self, slot: _Slot) -> None:
         now = time.monotonic()
         late = now - self._deadline(slot)
-        if late > self.max_lag_blocks * BLOCK_SECONDS:
-            target = int((now - slot.t0 - self.lookahead_s - self.grace_s) // BLOCK_SECONDS)
-            log.warning("session %s is %.2f s behind: skipping blocks %d..%d", slot.sid, late,
-                        slot.block, target - 1)
-            self.stats.skipped_blocks += target - slot.block
-            slot.session.seek(target)
-            slot.block = target
-        ready = slot.session.ready()
         started = time.monotonic()
         try:
-            block = slot.session.next_block(pad_silence=not ready)
+            if late > self.max_lag_blocks * BLOCK_SECONDS:
+                target = int((now - slot.t0 - self.lookahead_s - self.grace_s) // BLOCK_SECONDS)
+                log.warning("session %s is %.2f s behind: skipping blocks %d..%d", slot.sid,
+                            late, slot.block, target - 1)
+                self.stats.skipped_blocks += target - slot.block
+                slot.session.seek(target)
+                slot.block = target
+            block = slot.session.next_block(pad_silence=not slot.session.ready())
         except Exception as exc:
-            log.exception("session %s failed at block %d", slot.sid, slot.block)
-            self.stats.failed_sessions += 1
-            self._close(slot.sid)
-            self.loop.call_soon_threadsafe(slot.on_error, exc)
+            self._fail(slot, exc)
             return
         spent = time.monotonic() - started
         slot.compute.append(spent)

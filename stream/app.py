@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from aiohttp import BodyPartReader, web
+from aiohttp.abc import AbstractAccessLogger
 
 from engine.api import (
     DEFAULT_PROMPT,
@@ -102,12 +104,16 @@ class Server:
             log.exception("the engine failed to load")
 
     async def stop(self, app: web.Application) -> None:
-        if self._load_task is not None and not self._load_task.done():
+        if self._load_task is not None:
             self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
+        stopped = True
         if self.manager is not None:
             await self.manager.aclose()
             await self.manager.runtime.aclose()
-        if self.engine is not None:
+            stopped = not self.manager.runtime.alive
+        if self.engine is not None and stopped:  # never under a block still being made
             self.engine.close()
         await self.metrics.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -120,6 +126,14 @@ class Server:
             raise ApiError(503, "engine_loading", "the engine is still loading its weights",
                            retryable=True, headers={"Retry-After": "10"})
         return self.manager
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Access log without query strings: session tokens travel in ?token= links."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info("%s %s %s %d %.3fs", request.remote, request.method, request.path,
+                         response.status, time)
 
 
 def server_of(request: web.Request) -> Server:
@@ -178,13 +192,23 @@ async def _session_params(request: web.Request) -> SessionParams:
     image: np.ndarray | None = None
     if request.content_type == "multipart/form-data":
         reader = await request.multipart()
+        parts = 0
         while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise bad_request("malformed_form", "nested multipart bodies are not accepted")
+            parts += 1
+            if not isinstance(part, BodyPartReader) or parts > 8:
+                raise bad_request("malformed_form", "expected a flat form of at most 8 fields")
             if part.name == "image":
-                image = _decode_image(bytes(await part.read()))
+                image = await _decode_image(request, bytes(await part.read()))
             elif part.name:
-                fields[part.name] = (await part.text()).strip()
+                text = await part.read(decode=True)
+                if len(text) > 4096:
+                    raise bad_request("field_too_long", f"form field {part.name!r} is longer "
+                                      "than 4096 bytes")
+                try:
+                    fields[part.name] = text.decode().strip()
+                except UnicodeDecodeError:
+                    raise bad_request("malformed_form", f"form field {part.name!r} is not "
+                                      "UTF-8 text") from None
     elif request.can_read_body:
         require_content_type(request, "application/json", "multipart/form-data")
         try:
@@ -200,11 +224,15 @@ async def _session_params(request: web.Request) -> SessionParams:
             except (binascii.Error, ValueError):
                 raise bad_request("invalid_image", "'image' must be base64-encoded image "
                                   "bytes (or upload it as multipart/form-data)") from None
-            image = _decode_image(raw)
+            image = await _decode_image(request, raw)
     unknown = sorted(set(fields) - {"avatar", "prompt", "size", "seed", "image"})
     if unknown:
         raise bad_request("unknown_field", f"unknown field(s) {unknown}; accepted: avatar, "
                           "image, prompt, size, seed")
+    for key in ("avatar", "prompt", "size"):
+        if fields.get(key) is not None and not isinstance(fields[key], str):
+            raise bad_request(f"invalid_{key}", f"'{key}' must be a string, got "
+                              f"{type(fields[key]).__name__}")
     avatar = fields.get("avatar")
     if avatar and image is None:
         if avatar not in srv.avatar_images:
@@ -224,9 +252,11 @@ async def _session_params(request: web.Request) -> SessionParams:
                          size=str(fields.get("size") or srv.cfg.sessions.default_size), seed=seed)
 
 
-def _decode_image(data: bytes) -> np.ndarray:
+async def _decode_image(request: web.Request, data: bytes) -> np.ndarray:
+    """Decode an upload on the encoder pool (a big picture takes a while)."""
+    loop = asyncio.get_running_loop()
     try:
-        return read_image(data)
+        return await loop.run_in_executor(server_of(request).executor, read_image, data)
     except MediaError as exc:
         raise ApiError(415, "unsupported_image", f"{exc}") from None
 
@@ -243,11 +273,12 @@ async def create_session(request: web.Request) -> web.Response:
     except CapacityExhausted as exc:
         raise ApiError(503, "capacity_exhausted", str(exc), retryable=True,
                        headers={"Retry-After": str(round(exc.retry_after))}) from None
-    base, sid, tok = base_url(request), session.id, session.token
+    base, sid, tok, view = base_url(request), session.id, session.token, session.viewer_token
     api = f"{base}/v1/sessions/{sid}"
     body = {
         **session.describe(),
         "token": tok,
+        "viewer_token": view,
         "expires_at": round(session.expires_at, 3),
         "engine": {"name": manager.engine.name, "preview": manager.engine.name == "preview",
                    "description": manager.engine.description},
@@ -255,23 +286,25 @@ async def create_session(request: web.Request) -> web.Response:
         "ice_servers": ice_servers_json(srv.cfg.webrtc),
         "urls": {
             "session": api, "offer": f"{api}/offer", "whep": f"{api}/whep",
-            "stream_ts": f"{api}/stream.ts?token={tok}",
+            "stream_ts": f"{api}/stream.ts?token={view}",
             "call": f"{base}/call?session={sid}&token={tok}",
-            "obs": f"{base}/obs/{sid}?token={tok}",
-            "viewer": f"{base}/obs/{sid}?token={tok}&audio=1",
+            "obs": f"{base}/obs/{sid}?token={view}",
+            "viewer": f"{base}/obs/{sid}?token={view}&audio=1",
         },
     }
     return web.json_response(body, status=201, headers={"Location": api})
 
 
-def _session(request: web.Request) -> Any:
+def _session(request: web.Request, scope: str = "view") -> Any:
+    """The session named in the path, once the request proves it may act on it (`scope`
+    "view" to watch, "call" to send audio or end it). Auth first: ids are not probeable."""
     srv = server_of(request)
     sid = request.match_info["sid"]
     manager = srv.ready_manager()
+    srv.auth.require_session(request, sid, scope)
     session = manager.sessions.get(sid)
     if session is None or session.closed.is_set():
         raise not_found(f"session {sid!r}")
-    srv.auth.require_session(request, sid)
     return session
 
 
@@ -288,7 +321,7 @@ async def get_session(request: web.Request) -> web.Response:
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    session = _session(request)
+    session = _session(request, "call")
     await session.aclose("deleted by the client")
     return web.Response(status=204)
 
@@ -302,7 +335,7 @@ async def keepalive(request: web.Request) -> web.Response:
 
 
 async def offer(request: web.Request) -> web.Response:
-    session = _session(request)
+    session = _session(request, "call")
     require_content_type(request, "application/json")
     try:
         body = await request.json()
@@ -319,7 +352,11 @@ async def offer(request: web.Request) -> web.Response:
 async def whep(request: web.Request) -> web.Response:
     session = _session(request)
     require_content_type(request, "application/sdp")
-    peer, answer = await session.add_peer("whep", check_offer_sdp(await request.text()))
+    try:
+        text = await request.text()
+    except UnicodeDecodeError:
+        raise bad_request("malformed_sdp", "the SDP offer is not UTF-8 text") from None
+    peer, answer = await session.add_peer("whep", check_offer_sdp(text))
     server_of(request).metrics.inc("avatar_peers_total", kind="whep")
     location = f"/v1/sessions/{session.id}/whep/{peer.id}"
     return web.Response(status=201, text=answer, content_type="application/sdp",
@@ -327,10 +364,15 @@ async def whep(request: web.Request) -> web.Response:
 
 
 async def delete_peer(request: web.Request) -> web.Response:
-    session = _session(request)
-    if not await session.remove_peer(request.match_info["pid"]):
-        raise not_found(f"peer {request.match_info['pid']!r}")
-    return web.Response(status=200)
+    """DELETE /peers/{pid} (any peer; a call token) or /whep/{pid} (a WHEP viewer leaving)."""
+    whep_only = "/whep/" in request.path
+    session = _session(request, "view" if whep_only else "call")
+    pid = request.match_info["pid"]
+    peer = session.peers.get(pid)
+    if peer is None or (whep_only and peer.kind != "whep"):
+        raise not_found(f"peer {pid!r}")
+    await session.remove_peer(pid)
+    return web.Response(status=204)
 
 
 # 5. MPEG-TS over HTTP -----------------------------------------------------------------------------
@@ -366,6 +408,8 @@ async def stream_ts(request: web.Request) -> web.StreamResponse:
                 continue
             rgb = found[1]
             if muxer is None or muxer.size != (rgb.shape[1], rgb.shape[0]):
+                if muxer is not None:
+                    await loop.run_in_executor(srv.executor, muxer.close)
                 muxer = TsMuxer(rgb.shape[1], rgb.shape[0], srv.cfg.media)
             audio = session.playout.read(n * SAMPLES_PER_VIDEO_FRAME, SAMPLES_PER_VIDEO_FRAME)
             data = await loop.run_in_executor(srv.executor, muxer.add, rgb, n, audio,
@@ -378,8 +422,9 @@ async def stream_ts(request: web.Request) -> web.StreamResponse:
         pass  # the reader went away
     finally:
         session.ts_readers.pop(reader_id, None)
-        if muxer is not None:
-            muxer.close()
+        if muxer is not None:  # on an encoder thread: it waits for an add still running there
+            with contextlib.suppress(RuntimeError):  # the executor is gone at shutdown
+                await loop.run_in_executor(srv.executor, muxer.close)
     return response
 
 

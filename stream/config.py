@@ -59,7 +59,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_keys: tuple = ()  # empty: creating sessions needs no key (development only)
-    token_ttl_s: float = 3600.0  # lifetime of the session tokens browsers and viewers use
+    # lifetime of the session tokens in call and viewer links; as long as the longest session by
+    # default, so an OBS source can still reconnect late in a long stream
+    token_ttl_s: float = 4 * 3600.0
     max_upload_bytes: int = 10_000_000
     public_url: str = ""  # base of returned links; empty: taken from each request's Host
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from aiohttp import web
 
 from engine.api import ConfigError
-from stream.app import build_app
+from stream.app import AccessLogger, build_app
 from stream.config import StreamConfig
 
 log = logging.getLogger(__name__)
@@ -38,5 +38,6 @@ def run_command(args: argparse.Namespace) -> int:
         "the PREVIEW engine (no checkpoint configured)")
     print(f"avatar server on http://{host}:{port}/call with {engine}; config: "
           f"{path or 'built-in defaults'}", flush=True)
-    web.run_app(build_app(cfg), host=host, port=port, print=None, shutdown_timeout=5.0)
+    web.run_app(build_app(cfg), host=host, port=port, print=None, shutdown_timeout=5.0,
+                access_log_class=AccessLogger)
     return 0

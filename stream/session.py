@@ -72,12 +72,14 @@ class SessionStats:
 
 
 class Session:
-    def __init__(self, sid: str, token: str, expires_at: float, size: tuple[int, int],
+    def __init__(self, sid: str, token: str, viewer_token: str, expires_at: float,
+                 size: tuple[int, int],
                  clock: MediaClock, cfg: StreamConfig, executor: Executor,
                  push_audio: Callable[[AudioChunk], None], close_engine: Callable[[], None],
                  on_closed: Callable[[Session], Awaitable[None]] | None = None):
         self.id = sid
-        self.token = token
+        self.token = token  # scope "call": the speaker's page and the backend
+        self.viewer_token = viewer_token  # scope "view": viewer, OBS and MPEG-TS links
         self.expires_at = expires_at
         self.size = size
         self.clock = clock
@@ -97,6 +99,9 @@ class Session:
         self._close_engine = close_engine
         self._on_closed = on_closed
         self._tasks: set[asyncio.Task] = set()
+        self._closing: asyncio.Task | None = None
+        self._caller_lock = asyncio.Lock()  # one caller at a time, even with offers racing
+        self._pending_viewers = 0  # WHEP answers being made (counted against max_viewers)
         self.log = logging.LoggerAdapter(log, {"session": sid})
 
     # 1. engine results (on the event loop) --------------------------------------------------
@@ -117,7 +122,7 @@ class Session:
 
     @property
     def viewer_count(self) -> int:
-        return len(self.peers) + len(self.ts_readers)
+        return len(self.peers) + len(self.ts_readers) + self._pending_viewers
 
     def idle_for(self) -> float:
         if self.viewer_count:
@@ -136,10 +141,20 @@ class Session:
         """Answer a caller's offer (mic in, avatar out) or a WHEP viewer's (avatar out)."""
         if self.closed.is_set():
             raise ApiError(410, "session_ended", f"session {self.id} has ended")
-        if kind == "whep" and self.viewer_count >= self.cfg.sessions.max_viewers:
+        if kind == "caller":
+            async with self._caller_lock:
+                return await self._add_peer(kind, offer_sdp)
+        if self.viewer_count >= self.cfg.sessions.max_viewers:
             raise ApiError(429, "too_many_viewers", f"session {self.id} already has "
                            f"{self.cfg.sessions.max_viewers} viewers (sessions.max_viewers)",
                            retryable=True, headers={"Retry-After": "10"})
+        self._pending_viewers += 1
+        try:
+            return await self._add_peer(kind, offer_sdp)
+        finally:
+            self._pending_viewers -= 1
+
+    async def _add_peer(self, kind: str, offer_sdp: str) -> tuple[Peer, str]:
         pid = secrets.token_urlsafe(8)
         pc = RTCPeerConnection(rtc_configuration(self.cfg.webrtc))
         video = AvatarVideoTrack(self.clock, self.frames, self.cfg.media, self.executor,
@@ -158,6 +173,9 @@ class Session:
         except BaseException:
             await peer.aclose()
             raise
+        if self.closed.is_set():  # the session ended while the answer was being made
+            await peer.aclose()
+            raise ApiError(410, "session_ended", f"session {self.id} has ended")
         peer.codec = negotiated_video_codec(answer)
         video.codec = peer.codec or "VP8"
         if kind == "caller":
@@ -216,18 +234,26 @@ class Session:
     # 4. shutdown -----------------------------------------------------------------------------
 
     async def aclose(self, reason: str) -> None:
-        if self.closed.is_set():
-            return
-        self.closed.set()
-        self.close_reason = reason
-        self.log.info("session ends: %s", reason)
+        """End the session. Idempotent; the teardown runs to the end even if the caller of
+        aclose is cancelled half-way (it is one task, awaited shielded by every caller)."""
+        if self._closing is None:
+            self.closed.set()
+            self.close_reason = reason
+            self._closing = asyncio.get_running_loop().create_task(self._teardown(),
+                                                                   name=f"teardown-{self.id}")
+        await asyncio.shield(self._closing)
+
+    async def _teardown(self) -> None:
+        self.log.info("session ends: %s", self.close_reason)
         self._close_engine()
         for pid in list(self.peers):
             await self.remove_peer(pid)
-        for task in list(self.ts_readers.values()):
+        readers = list(self.ts_readers.values())
+        for task in readers:
             task.cancel()
-        current = asyncio.current_task()
-        for task in [t for t in self._tasks if t is not current]:
+        if readers:  # the readers close their muxers on the way out
+            await asyncio.wait(readers, timeout=5.0)
+        for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

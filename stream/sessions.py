@@ -87,9 +87,10 @@ class SessionManager:
             raise ApiError(422, "invalid_session_params", str(exc)) from None
         except EngineError as exc:
             raise ApiError(500, "engine_error", str(exc), retryable=exc.retryable) from None
-        token, expires = self.auth.issue(sid)
+        token, expires = self.auth.issue(sid, "call")
+        viewer_token, _ = self.auth.issue(sid, "view")
         clock = MediaClock(t0, delay)
-        session = Session(sid, token, expires, size, clock, self.cfg, self.executor,
+        session = Session(sid, token, viewer_token, expires, size, clock, self.cfg, self.executor,
                           push_audio=lambda chunk: self.runtime.push_audio(sid, chunk),
                           close_engine=lambda: self.runtime.close_session(sid),
                           on_closed=self._forget)
@@ -119,10 +120,13 @@ class SessionManager:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for session in list(self.sessions.values()):
-                if session.idle_for() > limits.idle_timeout_s:
-                    await session.aclose("idle timeout")
-                elif now - session.created > limits.max_length_s:
-                    await session.aclose("maximum length reached")
+                try:
+                    if session.idle_for() > limits.idle_timeout_s:
+                        await session.aclose("idle timeout")
+                    elif now - session.created > limits.max_length_s:
+                        await session.aclose("maximum length reached")
+                except Exception:  # one broken teardown must not stop the watchdog
+                    log.exception("ending session %s failed", session.id)
 
     async def aclose(self) -> None:
         if self._watchdog is not None:

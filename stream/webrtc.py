@@ -18,6 +18,7 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
 )
+from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 
 from stream.config import WebRTCConfig
 from stream.errors import ApiError
@@ -99,6 +100,13 @@ async def answer_offer(pc: RTCPeerConnection, offer_sdp: str) -> str:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
     except (ValueError, AssertionError, KeyError, IndexError) as exc:
         raise ApiError(400, "malformed_sdp", f"the SDP offer was rejected: {exc}") from None
-    answer = await pc.createAnswer()
-    await pc.setLocalDescription(answer)
+    except (OperationError, InvalidAccessError, InvalidStateError) as exc:
+        raise ApiError(400, "unsupported_offer", f"the offer cannot be answered: {exc} (the "
+                       "server sends H.264 or VP8 video and Opus audio)") from None
+    try:
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)
+    except (OperationError, InvalidAccessError, InvalidStateError) as exc:
+        raise ApiError(400, "unsupported_offer", f"the offer cannot be answered: {exc} (the "
+                       "server sends H.264 or VP8 video and Opus audio)") from None
     return pc.localDescription.sdp

@@ -3,7 +3,7 @@ import { api, createSession, params, readStats, showStats, waitForIceGathering }
 
 const $ = (id) => document.getElementById(id);
 const video = $('avatar');
-let pc = null, session = null, timers = [];
+let pc = null, session = null, mic = null, timers = [];
 
 window.avatarStats = { state: 'idle', framesDecoded: 0, audioPackets: 0 };
 
@@ -12,7 +12,13 @@ function status(text) { $('status').textContent = text; }
 async function start() {
   $('start').disabled = true;
   try {
-    if (params.get('session')) {  // a call link made by a backend: the session exists
+    if (!navigator.mediaDevices) {
+      throw new Error('this page needs a secure context for the microphone: open it over ' +
+                      'https:// (or http://localhost)');
+    }
+    if (session) {
+      // a second start after hanging up: same session
+    } else if (params.get('session')) {  // a call link made by a backend: the session exists
       const token = params.get('token');
       const response = await api(`/v1/sessions/${params.get('session')}`, {
         headers: { Authorization: `Bearer ${token}` } });
@@ -23,7 +29,7 @@ async function start() {
     const { session_id: sid, token } = session;
     if (session.engine && session.engine.preview) $('badge').hidden = false;
     status('Asking for the microphone…');
-    const mic = await navigator.mediaDevices.getUserMedia({
+    mic = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: true } });
     pc = new RTCPeerConnection({ iceServers: session.ice_servers || [] });
     mic.getTracks().forEach((t) => pc.addTrack(t, mic));
@@ -56,9 +62,12 @@ async function start() {
       Object.assign(window.avatarStats, s);
       showStats($('stats'), s);
     }, 1000));
-    timers.push(setInterval(() => {  // keep the session alive while the page is open
-      fetch(`/v1/sessions/${sid}/keepalive`, { method: 'POST',
-        headers: { Authorization: `Bearer ${token}` } }).catch(() => {});
+    timers.push(setInterval(async () => {  // keep the session alive while the page is open
+      try {
+        const r = await fetch(`/v1/sessions/${sid}/keepalive`, { method: 'POST',
+          headers: { Authorization: `Bearer ${token}` } });
+        if (r.status === 401 || r.status === 404) status('The session has ended.');
+      } catch (e) { /* the next try will tell */ }
     }, 20000));
   } catch (err) {
     status(`Could not start: ${err.message}`);
@@ -71,6 +80,13 @@ async function start() {
 async function hangup() {
   timers.forEach(clearInterval);
   timers = [];
+  if (mic) mic.getTracks().forEach((t) => t.stop());  // the browser's mic indicator goes off
+  mic = null;
+  if (session && session.peer_url) {
+    fetch(session.peer_url, { method: 'DELETE',
+      headers: { Authorization: `Bearer ${session.token}` } }).catch(() => {});
+    session.peer_url = null;
+  }
   if (pc) pc.close();
   pc = null;
   $('hangup').disabled = true;

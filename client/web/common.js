@@ -34,10 +34,6 @@ export function waitForIceGathering(pc, timeoutMs = 5000) {
   });
 }
 
-export function iceServers() {
-  try { return JSON.parse(params.get('ice') || '[]'); } catch (e) { return []; }
-}
-
 // Live figures from getStats(): what the overlay shows and what tests read (window.avatarStats).
 export async function readStats(pc, playoutDelayMs) {
   const out = { framesDecoded: 0, fps: 0, width: 0, height: 0, audioPackets: 0,

@@ -1,13 +1,13 @@
 // The OBS browser source / viewer page: full-bleed video, no controls; audio with ?audio=1.
 // Plays the session over WHEP and reconnects by itself if the connection drops.
-import { api, iceServers, params, readStats, waitForIceGathering } from './common.js';
+import { api, params, readStats, waitForIceGathering } from './common.js';
 
 const video = document.getElementById('avatar');
 const message = document.getElementById('message');
 const sid = location.pathname.split('/').filter(Boolean).pop();
 const token = params.get('token');
 const withAudio = params.get('audio') === '1';
-let pc = null, resource = null, retry = 1000;
+let pc = null, resource = null, retry = 1000, servers = null, lostTimer = null;
 
 window.avatarStats = { state: 'idle', framesDecoded: 0, audioPackets: 0 };
 video.muted = !withAudio;
@@ -15,14 +15,23 @@ video.muted = !withAudio;
 function show(text) { message.textContent = text; message.hidden = !text; }
 
 async function connect() {
-  pc = new RTCPeerConnection({ iceServers: iceServers() });
+  if (servers === null) {  // the server's ICE (STUN/TURN) configuration
+    const info = await api(`/v1/sessions/${sid}`, { headers: { Authorization: `Bearer ${token}` } });
+    servers = (await info.json()).ice_servers || [];
+  }
+  pc = new RTCPeerConnection({ iceServers: servers });
   pc.addTransceiver('video', { direction: 'recvonly' });
   pc.addTransceiver('audio', { direction: 'recvonly' });
   const remote = new MediaStream();
   pc.ontrack = (e) => { remote.addTrack(e.track); video.srcObject = remote; };
+  const mine = pc;
   pc.onconnectionstatechange = () => {
-    window.avatarStats.state = pc.connectionState;
-    if (pc.connectionState === 'failed' || pc.connectionState === 'closed') reconnect();
+    window.avatarStats.state = mine.connectionState;
+    clearTimeout(lostTimer);
+    if (mine.connectionState === 'failed') reconnect();
+    if (mine.connectionState === 'disconnected') {  // give ICE a few seconds to recover
+      lostTimer = setTimeout(() => { if (mine.connectionState !== 'connected') reconnect(); }, 5000);
+    }
   };
   await pc.setLocalDescription(await pc.createOffer());
   await waitForIceGathering(pc);
@@ -37,9 +46,18 @@ async function connect() {
   retry = 1000;
 }
 
-function reconnect() {
+function leave() {
+  if (resource) {  // tell the server, so the old peer does not count as a viewer
+    fetch(resource, { method: 'DELETE', keepalive: true,
+      headers: { Authorization: `Bearer ${token}` } }).catch(() => {});
+    resource = null;
+  }
   if (pc) pc.close();
   pc = null;
+}
+
+function reconnect() {
+  leave();
   show('reconnecting…');
   setTimeout(() => connect().catch((err) => { show(err.message); retry = Math.min(retry * 2, 15000); reconnect(); }), retry);
 }
@@ -48,10 +66,4 @@ connect().catch((err) => { show(err.message); reconnect(); });
 setInterval(async () => {
   if (pc) Object.assign(window.avatarStats, await readStats(pc, 0));
 }, 1000);
-window.addEventListener('pagehide', () => {
-  if (resource) {
-    fetch(resource, { method: 'DELETE', keepalive: true,
-      headers: { Authorization: `Bearer ${token}` } }).catch(() => {});
-  }
-  if (pc) pc.close();
-});
+window.addEventListener('pagehide', leave);

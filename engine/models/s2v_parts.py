@@ -107,10 +107,11 @@ class AdaLayerNorm(nn.Module):
         self.linear = nn.Linear(dim, 2 * dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        # x: [N, L, D]; temb: [N, D]
-        shift, scale = self.linear(F.silu(temb)).chunk(2, dim=1)
-        x = F.layer_norm(x, (x.shape[-1],), eps=1e-5)
-        return x * (1 + scale[:, None]) + shift[:, None]
+        # x: [N, L, D]; temb: [N, D]; normalised and modulated in float32 (upstream runs it
+        # under fp32 autocast), returned in x's dtype
+        shift, scale = self.linear(F.silu(temb)).float().chunk(2, dim=1)
+        h = F.layer_norm(x.float(), (x.shape[-1],), eps=1e-5)
+        return (h * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
 
 
 class AudioInjector(nn.Module):

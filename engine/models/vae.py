@@ -116,9 +116,11 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.normalize(x, dim=1): x / max(||x||, 1e-12), written out (faster on CPU)
-        norm = x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
-        return x / norm * (self.scale * self.gamma)
+        # F.normalize(x, dim=1): x / max(||x||, 1e-12), written out (faster on CPU); in float32
+        # as upstream's fp32-weights-under-bf16-autocast does, whatever the weights' dtype
+        xf = x.float()
+        norm = xf.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+        return (xf / norm * (self.scale * self.gamma.float())).to(x.dtype)
 
 
 class ResidualBlock(nn.Module):

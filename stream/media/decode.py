@@ -18,21 +18,30 @@ class MediaError(ValueError):
     """A file or upload that cannot be decoded as what it should be."""
 
 
-MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_SIDE = 8192  # refused above this, before decoding
+FIT_SIDE = 2048  # larger images are scaled down to this on decode (the model uses <= 1280)
 
 
 def read_image(source: str | Path | bytes) -> np.ndarray:
-    """JPEG/PNG/WebP/BMP/... -> uint8 [H, W, 3] RGB (first frame of anything PyAV opens)."""
+    """JPEG/PNG/WebP/BMP/... -> uint8 [H, W, 3] RGB (first frame of anything PyAV opens).
+
+    CPU-heavy for big pictures: call it off the event loop.
+    """
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
         with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source),
                      "r") as c:
             if not c.streams.video:
                 raise MediaError(f"{name}: no image in it; send a JPEG, PNG or WebP picture")
+            ctx = c.streams.video[0].codec_context
+            _check_side(name, ctx.width, ctx.height)  # from the header: before any decoding
             frame = next(c.decode(video=0))
-            if max(frame.width, frame.height) > MAX_IMAGE_SIDE:
-                raise MediaError(f"{name}: {frame.width}x{frame.height} is too large (at most "
-                                 f"{MAX_IMAGE_SIDE} pixels a side)")
+            _check_side(name, frame.width, frame.height)
+            if max(frame.width, frame.height) > FIT_SIDE:
+                scale = FIT_SIDE / max(frame.width, frame.height)
+                frame = frame.reformat(width=max(1, round(frame.width * scale)),
+                                       height=max(1, round(frame.height * scale)),
+                                       format="rgb24", interpolation="AREA")
             return frame.to_ndarray(format="rgb24")
     except MediaError:
         raise
@@ -41,6 +50,12 @@ def read_image(source: str | Path | bytes) -> np.ndarray:
     except (av.error.FFmpegError, StopIteration, ValueError) as exc:
         raise MediaError(f"{name}: not a readable image ({exc}); send a JPEG, PNG or WebP "
                          "picture") from None
+
+
+def _check_side(name: str, width: int, height: int) -> None:
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise MediaError(f"{name}: {width}x{height} is too large (at most {MAX_IMAGE_SIDE} "
+                         "pixels a side); scale it down first")
 
 
 def read_audio(source: str | Path, rate: int = SAMPLE_RATE) -> np.ndarray:

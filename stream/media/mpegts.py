@@ -7,6 +7,7 @@ handed to the response chunk by chunk.
 
 from __future__ import annotations
 
+import threading
 from fractions import Fraction
 
 import av
@@ -36,9 +37,15 @@ class _Sink:
 
 
 class TsMuxer:
-    """Feed (frame, audio slice) pairs in media order; get TS bytes back. Not thread-safe."""
+    """Feed (frame, audio slice) pairs in media order; get TS bytes back.
+
+    Calls are serialised by a lock, so `close` (from a cancelled reader) waits for an `add` still
+    running on an encoder thread instead of tearing the codec down under it.
+    """
 
     def __init__(self, width: int, height: int, cfg: MediaConfig):
+        self._lock = threading.Lock()
+        self._closed = False
         self.sink = _Sink()
         self.container = av.open(self.sink, "w", format="mpegts")
         keyint = max(1, round(cfg.keyframe_interval_s * 25))
@@ -59,6 +66,12 @@ class TsMuxer:
 
     def add(self, rgb: np.ndarray, index: int, audio: np.ndarray, audio_start: int) -> bytes:
         """Frame `index` and int16 samples starting at 48 kHz index `audio_start`."""
+        with self._lock:
+            if self._closed:
+                return b""
+            return self._add(rgb, index, audio, audio_start)
+
+    def _add(self, rgb: np.ndarray, index: int, audio: np.ndarray, audio_start: int) -> bytes:
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
         frame.pts = index
         frame.time_base = VIDEO_TIME_BASE
@@ -71,10 +84,14 @@ class TsMuxer:
         return self.sink.take()
 
     def close(self) -> bytes:
-        try:
-            self.container.mux(self.video.encode(None))
-            self.container.mux(self.audio.encode(None))
-            self.container.close()
-        except (av.error.FFmpegError, ValueError):
-            pass
-        return self.sink.take()
+        with self._lock:
+            if self._closed:
+                return b""
+            self._closed = True
+            try:
+                self.container.mux(self.video.encode(None))
+                self.container.mux(self.audio.encode(None))
+                self.container.close()
+            except (av.error.FFmpegError, ValueError):
+                pass
+            return self.sink.take()

@@ -96,7 +96,7 @@ class PlayoutAudio:
         idx = (np.arange(start, start + len(samples))) % self.capacity
         # clear slots between the old end and this write: they belong to a gap (silence)
         if start > self.end:
-            gap = np.arange(self.end, start)[-self.capacity:] % self.capacity
+            gap = np.arange(max(self.end, start - self.capacity), start) % self.capacity
             self._buf[gap] = 0
             self._written[gap] = False
         self._buf[idx] = samples

@@ -61,7 +61,8 @@ async def test_create_session_returns_everything_a_client_needs(running: Running
     assert body["ice_servers"] == []  # none unless configured
     sid, token = body["session_id"], body["token"]
     assert body["urls"]["call"].endswith(f"/call?session={sid}&token={token}")
-    assert body["urls"]["stream_ts"].endswith(f"/v1/sessions/{sid}/stream.ts?token={token}")
+    view = body["viewer_token"]
+    assert body["urls"]["stream_ts"].endswith(f"/v1/sessions/{sid}/stream.ts?token={view}")
     assert body["expires_at"] > time.time()
     async with running.http.get(body["urls"]["session"],
                                 headers={"Authorization": f"Bearer {token}"}) as r:
@@ -118,9 +119,18 @@ async def test_malformed_sdp(running: Running, body: dict, code: str) -> None:
 
 
 async def test_unknown_session_and_peer(running: Running) -> None:
+    # without a credential for it, a session id is not even looked up (ids are not probeable)
     async with running.http.post(f"{running.base}/v1/sessions/nope/offer",
                                  json={"sdp": GOOD_OFFER, "type": "offer"}) as r:
-        assert r.status == 404 and "nope" in (await error_of(r))["message"]
+        assert r.status == 401
+    ended = await running.create()
+    auth = {"Authorization": f"Bearer {ended['token']}"}
+    async with running.http.delete(ended["urls"]["session"], headers=auth) as r:
+        assert r.status == 204
+    async with running.http.post(ended["urls"]["offer"], headers=auth,
+                                 json={"sdp": GOOD_OFFER, "type": "offer"}) as r:
+        err = await error_of(r)
+        assert r.status == 404 and ended["session_id"] in err["message"]
     s = await running.create()
     async with running.http.delete(f"{s['urls']['whep']}/nobody",
                                    headers={"Authorization": f"Bearer {s['token']}"}) as r:
@@ -246,3 +256,62 @@ async def test_idle_timeout_ends_the_session() -> None:
             assert sid not in runner.app[STATE]["server"].manager.sessions
     finally:
         await runner.cleanup()
+
+
+async def test_viewer_tokens_watch_but_cannot_call_or_end(running: Running) -> None:
+    s = await running.create()
+    view = {"Authorization": f"Bearer {s['viewer_token']}"}
+    assert s["viewer_token"] in s["urls"]["viewer"] and s["token"] not in s["urls"]["viewer"]
+    assert s["viewer_token"] in s["urls"]["stream_ts"]
+    async with running.http.get(s["urls"]["session"], headers=view) as r:
+        assert r.status == 200
+    async with running.http.post(s["urls"]["offer"], json={"sdp": GOOD_OFFER, "type": "offer"},
+                                 headers=view) as r:
+        assert r.status == 403 and (await error_of(r))["code"] == "forbidden"
+    async with running.http.delete(s["urls"]["session"], headers=view) as r:
+        assert r.status == 403
+    assert s["session_id"] in running.manager.sessions
+
+
+async def test_api_keys_only_in_the_header() -> None:
+    key = "q" * 24
+    runner, base = await start_server(make_config(server=ServerConfig(port=0, api_keys=(key,))))
+    try:
+        async with ClientSession() as http:
+            async with http.post(f"{base}/v1/sessions?token={key}", json={}) as r:
+                assert r.status == 401  # a key in a URL would end up in logs
+    finally:
+        await runner.cleanup()
+
+
+def test_access_log_leaves_out_query_strings(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    from unittest import mock
+
+    from stream.app import AccessLogger
+
+    logger = logging.getLogger("test.access")
+    request = mock.Mock(remote="127.0.0.1", method="GET", path="/v1/sessions/x/stream.ts",
+                        query_string="token=secret")
+    with caplog.at_level(logging.INFO, logger="test.access"):
+        AccessLogger(logger, "").log(request, mock.Mock(status=200), 0.01)
+    assert "stream.ts" in caplog.text and "secret" not in caplog.text
+
+
+async def test_huge_images_are_refused_before_decoding_and_big_ones_scaled(
+        running: Running) -> None:
+    form = FormData()
+    form.add_field("image", png_bytes(9000, 16), filename="wide.png", content_type="image/png")
+    async with running.http.post(f"{running.base}/v1/sessions", data=form) as r:
+        assert r.status == 415 and "too large" in (await error_of(r))["message"]
+    form = FormData()
+    form.add_field("image", png_bytes(3000, 1500), filename="big.png", content_type="image/png")
+    form.add_field("size", "256*128")
+    async with running.http.post(f"{running.base}/v1/sessions", data=form) as r:
+        body = await r.json()
+        assert r.status == 201 and body["video"] == {"width": 256, "height": 128, "fps": 25}
+
+
+async def test_wrongly_typed_fields(running: Running) -> None:
+    async with running.http.post(f"{running.base}/v1/sessions", json={"avatar": ["x"]}) as r:
+        assert r.status == 400 and (await error_of(r))["code"] == "invalid_avatar"

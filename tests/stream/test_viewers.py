@@ -30,7 +30,7 @@ async def test_whep_viewer_receives_video_and_audio_and_delete_ends_it(running: 
     assert whep_peer.codec == "H264"
     async with running.http.delete(f"{running.base}{viewer.location}",
                                    headers={"Authorization": f"Bearer {s['token']}"}) as r:
-        assert r.status == 200
+        assert r.status == 204
     assert {p.kind for p in session.peers.values()} == {"caller"}
     assert whep_peer.video.readyState == "ended" and whep_peer.pc.connectionState == "closed"
     async with running.http.delete(f"{running.base}{viewer.location}",
