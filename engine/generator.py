@@ -105,11 +105,8 @@ class DenoiseStage:
         self.ring = ring
         self.cond = cond
 
-    def run(self, latents: torch.Tensor, block: BlockInput) -> torch.Tensor:
-        """latents [1, 16, F, h, w] at sigma_step -> latents at sigma_step+1 (float32)."""
-        return self.update(latents, self.velocity(latents, block))
-
     def update(self, latents: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        """The Euler step: latents at sigma_step -> latents at sigma_step+1 (float32)."""
         return latents.float() + self.schedule.delta(self.step) * velocity
 
     def velocity(self, latents: torch.Tensor, block: BlockInput) -> torch.Tensor:

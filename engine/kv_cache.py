@@ -42,9 +42,6 @@ class KVRing:
     def advance(self, new_frames: int) -> None:
         self.written += new_frames
 
-    def reset(self) -> None:
-        self.written = 0
-
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

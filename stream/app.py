@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from engine.api import (
     CapacityExhausted,
     Engine,
     InputError,
+    ProgressPrinter,
     SessionParams,
     create_engine,
     start_runtime,
@@ -60,7 +62,6 @@ class Server:
         self.engine = engine
         self.manager: SessionManager | None = None
         self.loading_error: str | None = None
-        self.started = time.monotonic()
         self.avatar_images: dict[str, np.ndarray] = {}
         self._load_task: asyncio.Task | None = None
 
@@ -79,7 +80,8 @@ class Server:
         try:
             if self.engine is None:
                 # loading real weights takes minutes: off the loop, /readyz says "loading"
-                self.engine = await loop.run_in_executor(None, create_engine, self.cfg.engine)
+                self.engine = await loop.run_in_executor(
+                    None, functools.partial(create_engine, self.cfg.engine, ProgressPrinter()))
             engine = self.engine
             runtime = start_runtime(engine, loop)
             self.manager = SessionManager(self.cfg, engine, runtime, self.auth, self.executor,

@@ -68,7 +68,6 @@ class SessionStats:
     blocks: int = 0
     silent_blocks: int = 0
     frames_sent: int = 0
-    last_block_at: float = 0.0
 
 
 class Session:
@@ -110,7 +109,6 @@ class Session:
         self.frames.put(block)
         self.stats.blocks += 1
         self.stats.silent_blocks += int(block.silent_samples > 0)
-        self.stats.last_block_at = time.monotonic()
 
     def on_engine_error(self, exc: BaseException) -> None:
         self._spawn(self.aclose(f"engine failure: {exc}"), f"close-{self.id}")
