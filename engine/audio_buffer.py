@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from engine.api import SAMPLE_RATE
 
 
 class AudioBuffer:

@@ -21,11 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.api import SAMPLES_PER_FRAME
 from engine.audio_buffer import AudioBuffer
 from engine.models.audio import HOP, SAMPLE_RATE, Wav2Vec2Features, feature_frames
-
-FPS = 25
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import torch
 
 from engine.api import BLOCK_SECONDS, FRAMES_PER_BLOCK
 from engine.checkpoint.tiny import TINY_DIT, TINY_VAE
-from engine.kv_cache import KVRing, RingAttention
+from engine.generator import BlockInput, Conditioning, DenoiseStage
+from engine.kv_cache import KVRing
 from engine.models.dit import DiTConfig, WanS2VDiT
 from engine.models.vae import CausalCache, VAEConfig, WanVAE
 from engine.sampling import FlowSchedule
@@ -76,7 +77,6 @@ def run_bench(device: torch.device, dtype: torch.dtype, tiny: bool, size: str, s
         torch.set_default_dtype(default)
     tpf = (hh // 2) * (ww // 2)
     ring = KVRing(dcfg.num_layers, 1, 12, tpf, dcfg.num_heads, dcfg.head_dim, dtype, device)
-    schedule = FlowSchedule.make(steps, 3.0)
     with torch.inference_mode():
         text = dit.text_kv(torch.randn(1, 120, dcfg.text_dim, device=device))
         ref = torch.randn(1, 16, 1, hh, ww, device=device)
@@ -85,6 +85,9 @@ def run_bench(device: torch.device, dtype: torch.dtype, tiny: bool, size: str, s
         prefill = _timed(device, lambda: holder.update(
             sink=dit.prefill_sink(*dit.embed_sink(ref, motion), text)))
         sink = holder["sink"]
+        # step 1 of the schedule, exactly as the generator runs it (its own ring, the sink)
+        stage = DenoiseStage(dit, FlowSchedule.make(steps, 3.0), 1, ring,
+                             Conditioning(text, sink, motion))
         feats = torch.randn(1, dcfg.audio_layers, dcfg.audio_dim, FRAMES_PER_BLOCK, device=device)
         cache = CausalCache()
         vae.decode(motion[:, :, :7].to(dtype), cache)
@@ -92,14 +95,10 @@ def run_bench(device: torch.device, dtype: torch.dtype, tiny: bool, size: str, s
         for b in range(blocks):
             audio_ms.append(_timed(device, lambda: holder.update(audio=dit.encode_audio(feats))))
             x = torch.randn(1, 16, 3, hh, ww, device=device)
+            block = BlockInput(b, 3 * b, holder["audio"], (10,) * steps)
 
-            def step(b: int = b, x: torch.Tensor = x) -> None:
-                attn = RingAttention(ring, sink, dcfg.rope_bands, dit.noisy_positions(3 * b, 3, hh, ww),
-                                     sink.positions_with_ref_at(max(30, 3 * b + 10)), 3)
-                holder["v"] = dit.denoise(x, torch.full((1,), schedule.timestep(1),
-                                                        device=device), holder["audio"], text,
-                                          attn)
-                ring.advance(3)
+            def step(x: torch.Tensor = x, block: BlockInput = block) -> None:
+                holder["v"] = stage.velocity(x, block)
 
             step_ms.append(_timed(device, step))
             vae_ms.append(_timed(device, lambda: vae.decode(holder["v"].to(dtype), cache)))
@@ -110,8 +109,7 @@ def run_bench(device: torch.device, dtype: torch.dtype, tiny: bool, size: str, s
     return BenchResult(
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         dtype=str(dtype).removeprefix("torch."), shapes="tiny" if tiny else "14B",
-        size=f"{w}x{h}", tokens_per_block=3 * tpf, kv_tokens=12 * tpf + sum(
-            k.shape[1] for k in sink.keys[:1]),
+        size=f"{w}x{h}", tokens_per_block=3 * tpf, kv_tokens=12 * tpf + sink.keys[0].shape[1],
         sink_prefill_ms=round(prefill, 2), audio_encoder_ms=round(a, 2),
         dit_step_ms=round(s, 2), vae_decode_ms=round(v, 2), block_ms_one_device=round(block, 2),
         fps_one_device=round(FRAMES_PER_BLOCK / (block / 1000), 2),

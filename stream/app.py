@@ -23,9 +23,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from engine.api import (
     DEFAULT_PROMPT,
-    CapacityExhausted,
     Engine,
-    InputError,
     ProgressPrinter,
     SessionParams,
     create_engine,
@@ -268,24 +266,18 @@ async def create_session(request: web.Request) -> web.Response:
     srv.auth.require_key(request)
     manager = srv.ready_manager()
     params = await _session_params(request)
-    try:
+    try:  # the manager turns capacity and input errors into ApiErrors already
         session = await manager.create(params)
-    except (InputError, ValueError) as exc:
+    except ValueError as exc:
         raise ApiError(422, "invalid_session_params", str(exc)) from None
-    except CapacityExhausted as exc:
-        raise ApiError(503, "capacity_exhausted", str(exc), retryable=True,
-                       headers={"Retry-After": str(round(exc.retry_after))}) from None
     base, sid, tok, view = base_url(request), session.id, session.token, session.viewer_token
     api = f"{base}/v1/sessions/{sid}"
     body = {
-        **session.describe(),
+        **_session_info(srv, session),
         "token": tok,
         "viewer_token": view,
         "expires_at": round(session.expires_at, 3),
-        "engine": {"name": manager.engine.name, "preview": manager.engine.name == "preview",
-                   "description": manager.engine.description},
         "audio_out": {"sample_rate": 48000},
-        "ice_servers": ice_servers_json(srv.cfg.webrtc),
         "urls": {
             "session": api, "offer": f"{api}/offer", "whep": f"{api}/whep",
             "stream_ts": f"{api}/stream.ts?token={view}",
@@ -310,16 +302,19 @@ def _session(request: web.Request, scope: str = "view") -> Any:
     return session
 
 
-async def get_session(request: web.Request) -> web.Response:
-    session = _session(request)
-    srv = server_of(request)
+def _session_info(srv: Server, session: Any) -> dict[str, Any]:
+    """What a client needs to know of a session, beyond its tokens and links."""
     engine = srv.ready_manager().engine
-    return web.json_response({
+    return {
         **session.describe(),
         "engine": {"name": engine.name, "preview": engine.name == "preview",
                    "description": engine.description},
         "ice_servers": ice_servers_json(srv.cfg.webrtc),
-    })
+    }
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return web.json_response(_session_info(server_of(request), _session(request)))
 
 
 async def delete_session(request: web.Request) -> web.Response:
