@@ -1,14 +1,18 @@
-"""Shared fixtures: tiny checkpoints written by the project's own CLI, example media paths."""
+"""Shared fixtures: tiny checkpoints written by the project's own CLI, and test media made here
+(tests/media.py): nothing outside the repository is read."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests import media
+
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO.parent / "shared" / "examples"
+DATA = REPO / "tests" / "data"
 
 
 def make_tiny(path: Path, *args: str) -> Path:
@@ -33,13 +37,6 @@ def tiny_ckpt(tiny_ckpt_master: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def examples() -> Path:
-    if not EXAMPLES.is_dir():
-        pytest.fail(f"example media not found at {EXAMPLES} (expected ../shared/examples)")
-    return EXAMPLES
-
-
-@pytest.fixture(scope="session")
 def tiny_models(tiny_ckpt_master: Path):
     """The tiny checkpoint loaded on the CPU in float32 (LoRA alpha 2: scale 0.5 at rank 4)."""
     import torch
@@ -49,16 +46,43 @@ def tiny_models(tiny_ckpt_master: Path):
     return load_models(tiny_ckpt_master, torch.device("cpu"), torch.float32, lora_alpha=2.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One avatar picture and one speech recording, as files (like a user's inputs)."""
+
+    image: Path
+    audio: Path
+
+
 @pytest.fixture(scope="session")
-def example_image(examples: Path):
+def examples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Example]:
+    """A landscape (720x400) and a portrait (400x720) drawn face, each with espeak-ng speech:
+    the shapes of the real examples users try by hand."""
+    folder = tmp_path_factory.mktemp("media")
+    try:
+        speech = media.espeak_wav(folder / "speech.wav")
+        short = media.espeak_wav(folder / "short.wav", media.PARAGRAPH.split(". ")[0])
+    except media.MediaToolMissing as exc:
+        pytest.fail(str(exc))
+    return {
+        "landscape": Example(media.write_image(folder / "landscape.jpg",
+                                               media.drawn_face(720, 400)), speech),
+        "portrait": Example(media.write_image(folder / "portrait.png",
+                                              media.drawn_face(400, 720)), short),
+    }
+
+
+@pytest.fixture(scope="session")
+def example_image(examples: dict[str, Example]):
+    """The landscape example picture, decoded as a user's upload would be (uint8 RGB)."""
     from stream.media.decode import read_image
 
-    return read_image(examples / "dwarven_blacksmith.jpg")
+    return read_image(examples["landscape"].image)
 
 
 @pytest.fixture(scope="session")
-def example_audio(examples: Path):
-    """17.7 s of speech, 16 kHz mono float32."""
+def example_audio(examples: dict[str, Example]):
+    """About 22 s of espeak-ng speech, 16 kHz mono float32."""
     from stream.media.decode import read_audio
 
-    return read_audio(examples / "dwarven_blacksmith.wav")
+    return read_audio(examples["landscape"].audio)

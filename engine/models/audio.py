@@ -5,6 +5,13 @@ The checkpoint folder `wav2vec2-large-xlsr-53-english/` holds a `Wav2Vec2ForCTC`
 weight-norm names `weight_g`/`weight_v`; `to_model_key` maps every file key onto the names the
 installed transformers uses. The S2V DiT mixes all num_hidden_layers + 1 hidden states (25 for
 the released model): the input of layer 0 (after the positional conv) and every layer's output.
+
+Which tensor is "the last hidden state" changed inside transformers. Wan2.2 was trained under
+transformers <= 4.51, where `hidden_states[-1]` of the released "stable layer norm" layout
+(`do_stable_layer_norm: true`) is the encoder output *after* its final `layer_norm`; from
+transformers 5 on, `hidden_states[-1]` is the last layer's output *before* that norm. Both agree
+that `last_hidden_state` is the encoder's final output (after the norm for the stable layout, the
+last layer's output for the other one), so the 25th state is always taken from there.
 """
 
 from __future__ import annotations
@@ -72,6 +79,10 @@ class Wav2Vec2Features(nn.Module):
 
     def __init__(self, model: Wav2Vec2Model):
         super().__init__()
+        if getattr(model.config, "add_adapter", False):
+            # the adapter would replace `last_hidden_state`, which stands in for the 25th state
+            raise ValueError("wav2vec2 configs with add_adapter=true are not supported (the "
+                             "released wav2vec2-large-xlsr-53-english has none)")
         self.model = model
 
     @property
@@ -82,4 +93,6 @@ class Wav2Vec2Features(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
         out = self.model(wave.to(dtype), output_hidden_states=True)
-        return torch.stack(out.hidden_states, dim=1).float()
+        # the transformers 4.x definition under every version (see the module docstring)
+        states = (*out.hidden_states[:-1], out.last_hidden_state)
+        return torch.stack(states, dim=1).float()

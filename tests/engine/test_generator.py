@@ -72,7 +72,7 @@ def test_sink_is_refreshed_from_the_first_generated_frame(tiny_models, example_i
 def test_portrait_image_gives_portrait_video(tiny_models, examples) -> None:
     from stream.media.decode import read_image
 
-    image = read_image(examples / "fashion_blogger.jpg")  # 400x720 portrait
+    image = read_image(examples["portrait"].image)  # 400x720
     gen = StreamGenerator(tiny_models, SessionParams(image=image, size="64*128"))
     assert (gen.width, gen.height) == (64, 128)
 

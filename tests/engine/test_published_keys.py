@@ -1,5 +1,5 @@
 """The models at their full published configs, built on the meta device, have exactly the key and
-shape lists of the released files (../shared/reference/keys/*.tsv)."""
+shape lists of the released files (tests/data/keys/, whose README says where they come from)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from engine.models import dit, text, vae
-from tests.conftest import REPO
+from tests.conftest import DATA
 
-KEYS = REPO.parent / "shared" / "reference" / "keys"
+KEYS = DATA / "keys"
 
 
 def read_tsv(name: str) -> dict[str, tuple[int, ...]]:

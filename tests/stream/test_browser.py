@@ -8,10 +8,10 @@ import shutil
 import socket
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 
+from stream.media.decode import read_audio
+from tests.media import write_wav
 from tests.stream.conftest import Running
 from tests.stream.rtc_client import wait_for
 
@@ -29,28 +29,15 @@ def loopback_only() -> bool:
     return {name for _, name in socket.if_nameindex()} <= {"lo"}
 
 
-def pcm_wav(source: Path, target: Path) -> Path:
-    """Chromium's fake capture wants 16-bit PCM WAV; the examples are 32-bit float."""
-    with av.open(str(source)) as c:
-        rs = av.AudioResampler(format="s16", layout="mono", rate=48000)
-        chunks = [f.to_ndarray().reshape(-1) for fr in c.decode(audio=0) for f in rs.resample(fr)]
-    pcm = np.concatenate(chunks).astype("<i2").tobytes()
-    header = (b"RIFF" + (36 + len(pcm)).to_bytes(4, "little") + b"WAVEfmt "
-              + (16).to_bytes(4, "little") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
-              + (48000).to_bytes(4, "little") + (96000).to_bytes(4, "little")
-              + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
-              + b"data" + len(pcm).to_bytes(4, "little"))
-    target.write_bytes(header + pcm)
-    return target
-
-
 @pytest.fixture
-def chromium_args(examples: Path, tmp_path: Path) -> list[str]:
+def chromium_args(examples: dict, tmp_path: Path) -> list[str]:
     if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
         pytest.fail("Debian's chromium is not installed: run .ci/install")
     if not loopback_only():
         pytest.skip("needs a loopback-only network namespace: run the suite with .ci/test")
-    wav = pcm_wav(examples / "dwarven_blacksmith.wav", tmp_path / "mic.wav")
+    # Chromium's fake capture reads 16-bit PCM WAV: the espeak-ng speech at 48 kHz
+    speech = read_audio(examples["landscape"].audio, rate=48000)
+    wav = write_wav(tmp_path / "mic.wav", speech, 48000)
     return [*FLAGS, f"--use-file-for-fake-audio-capture={wav}"]
 
 

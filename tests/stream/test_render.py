@@ -10,12 +10,13 @@ import pytest
 from stream.cli import main
 
 
-@pytest.mark.parametrize("name", ["music_producer", "fashion_blogger"])
-def test_render_cli(tiny_ckpt_master: Path, examples: Path, tmp_path: Path,
+@pytest.mark.parametrize("name", ["landscape", "portrait"])
+def test_render_cli(tiny_ckpt_master: Path, examples: dict, tmp_path: Path,
                     capsys: pytest.CaptureFixture[str], name: str) -> None:
     out = tmp_path / f"{name}.mp4"
-    rc = main(["render", "--ckpt", str(tiny_ckpt_master), "--image", str(examples / f"{name}.jpg"),
-               "--audio", str(examples / f"{name}.wav"), "--out", str(out), "--size", "128*64",
+    example = examples[name]
+    rc = main(["render", "--ckpt", str(tiny_ckpt_master), "--image", str(example.image),
+               "--audio", str(example.audio), "--out", str(out), "--size", "128*64",
                "--seed", "2"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -27,25 +28,23 @@ def test_render_cli(tiny_ckpt_master: Path, examples: Path, tmp_path: Path,
         frames = sum(1 for _ in c.decode(video=0))
     with av.open(str(out)) as c:
         audio_seconds = float(sum(f.samples for f in c.decode(audio=0))) / c.streams.audio[0].rate
-    with av.open(str(examples / f"{name}.wav")) as c:
+    with av.open(str(example.audio)) as c:
         source_seconds = float(c.duration) / av.time_base
     video_seconds = frames / 25
     assert abs(video_seconds - source_seconds) <= 1 / 25
     assert abs(audio_seconds - source_seconds) <= 0.05  # AAC priming/padding only
-    portrait = name == "fashion_blogger"
+    portrait = name == "portrait"
     assert (video.width < video.height) == portrait
 
 
-def test_render_bad_inputs(tiny_ckpt_master: Path, examples: Path, tmp_path: Path,
+def test_render_bad_inputs(tiny_ckpt_master: Path, examples: dict, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
+    image, audio = str(examples["portrait"].image), str(examples["portrait"].audio)
     args = ["render", "--ckpt", str(tiny_ckpt_master), "--out", str(tmp_path / "x.mp4")]
-    rc = main([*args, "--image", str(examples / "music_producer.wav"),
-               "--audio", str(examples / "music_producer.wav")])
+    rc = main([*args, "--image", audio, "--audio", audio])
     assert rc == 2 and "no image in it" in capsys.readouterr().err
-    rc = main([*args, "--image", str(examples / "music_producer.jpg"),
-               "--audio", str(tmp_path / "missing.wav")])
+    rc = main([*args, "--image", image, "--audio", str(tmp_path / "missing.wav")])
     assert rc == 2 and "no such file" in capsys.readouterr().err
     rc = main([*args[:1], "--ckpt", str(tmp_path), "--out", str(tmp_path / "x.mp4"),
-               "--image", str(examples / "music_producer.jpg"),
-               "--audio", str(examples / "music_producer.wav")])
+               "--image", image, "--audio", audio])
     assert rc == 2 and "not a Wan2.2-S2V-14B checkpoint folder" in capsys.readouterr().err
