@@ -1,4 +1,5 @@
-"""Engine-side `avatar` subcommands: make-tiny-checkpoint, check-checkpoint, bench.
+"""Engine-side `avatar` subcommands: make-tiny-checkpoint, check-checkpoint, bench,
+preview-bench.
 
 This module is torch-free at import (the CLI is built by `stream.cli`, which must not import
 torch); each command imports what it needs when it runs.
@@ -37,6 +38,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=bench)
 
+    p = sub.add_parser("preview-bench",
+                       help="time the preview engine animating a photo (CPU, one core)")
+    p.add_argument("--image", help="a portrait photo (default: a synthetic one, 1280x720)")
+    p.add_argument("--size", default="704*384", help="generation area budget (default 704*384)")
+    p.add_argument("--seconds", type=float, default=20.0, help="audio to animate (default 20)")
+    p.add_argument("--threads", type=int, default=1, help="OpenCV threads (default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=preview_bench)
+
 
 def make_tiny_checkpoint(args: argparse.Namespace) -> int:
     from engine.checkpoint.tiny import make_tiny_checkpoint as make
@@ -61,5 +71,11 @@ def check_checkpoint(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     from engine.bench import command
+
+    return command(args)
+
+
+def preview_bench(args: argparse.Namespace) -> int:
+    from engine.preview_bench import command
 
     return command(args)

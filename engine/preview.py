@@ -1,13 +1,23 @@
-"""The preview engine: the embedded default when no checkpoint is configured. CPU, numpy, no weights.
+"""The preview engine: the embedded default when no checkpoint is configured. CPU, no weights.
 
-It animates the avatar image (or a drawn default face) with a mouth whose opening follows the
-loudness of exactly the audio of each frame (frame n <- samples [640 n, 640 n + 640)), plus an
-idle blink, behind the same `Engine` protocol and block clock as the real engine (12 frames per
-0.48 s block). Every frame carries a "PREVIEW" mark. It is fast enough for several real-time
-sessions on one core, and it is what the end-to-end and A/V-sync tests drive.
+It animates the avatar picture from the loudness of exactly the audio of each frame (frame n <-
+samples [640 n, 640 n + 640)), behind the same `Engine` protocol and block clock as the real
+engine (12 frames per 0.48 s block):
+
+- a picture with a face (found once per session by `engine.face_detect`): the jaw of that face
+  opens with the loudness, the eyes blink and the head sways slightly (`engine.face_animate`);
+- a picture in which no face is found: shown still, marked "NO FACE FOUND", and said so in the
+  session's info;
+- no picture: a drawn face whose mouth is a dark ellipse at a fixed place (`mouth_box`), plus an
+  idle blink; the end-to-end and A/V-sync tests measure that mouth.
+
+Every frame carries a "PREVIEW" mark. It is fast enough for several real-time sessions on one
+core (`avatar preview-bench` prints the figures).
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -21,6 +31,8 @@ from engine.api import (
 )
 from engine.audio_buffer import AudioBuffer
 from engine.config import EngineConfig
+from engine.face_animate import MOUTH_INTERIOR, FaceRig
+from engine.face_detect import FaceDetector
 from engine.sizing import generation_size, parse_area
 
 # 1. Geometry shared with tests ------------------------------------------------------------------
@@ -28,7 +40,7 @@ from engine.sizing import generation_size, parse_area
 MOUTH_CENTER = (0.5, 0.68)  # (x, y) as fractions of the frame
 MOUTH_WIDTH = 0.14  # fraction of the frame width
 MOUTH_MAX_HEIGHT = 0.10  # fraction of the frame height when fully open
-MOUTH_COLOR = np.array([45, 8, 18], np.uint8)
+MOUTH_COLOR = MOUTH_INTERIOR.astype(np.uint8)
 SILENCE_DB, LOUD_DB = -50.0, -12.0  # loudness mapped to closed .. fully open
 
 
@@ -104,58 +116,114 @@ def resize_cover(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return out[top:top + height, left:left + width].round().clip(0, 255).astype(np.uint8)
 
 
-_GLYPHS = {  # 5x7 bitmap font, enough for the mark
+_GLYPHS = {  # 5x7 bitmap font, enough for the marks
     "P": ["11110", "10001", "10001", "11110", "10000", "10000", "10000"],
     "R": ["11110", "10001", "10001", "11110", "10100", "10010", "10001"],
     "E": ["11111", "10000", "10000", "11110", "10000", "10000", "11111"],
     "V": ["10001", "10001", "10001", "10001", "10001", "01010", "00100"],
     "I": ["11111", "00100", "00100", "00100", "00100", "00100", "11111"],
     "W": ["10001", "10001", "10001", "10101", "10101", "11011", "10001"],
+    "N": ["10001", "11001", "10101", "10011", "10001", "10001", "10001"],
+    "O": ["01110", "10001", "10001", "10001", "10001", "10001", "01110"],
+    "F": ["11111", "10000", "10000", "11110", "10000", "10000", "10000"],
+    "A": ["01110", "10001", "10001", "11111", "10001", "10001", "10001"],
+    "C": ["01110", "10001", "10000", "10000", "10000", "10001", "01110"],
+    "U": ["10001", "10001", "10001", "10001", "10001", "10001", "01110"],
+    "D": ["11110", "10001", "10001", "10001", "10001", "10001", "11110"],
+    " ": ["00000"] * 7,
 }
+NO_FACE_MARK = "NO FACE FOUND"
 
 
-def draw_label(img: np.ndarray, text: str = "PREVIEW") -> None:
-    """Stamp `text` in the top-left corner (white on a dark box), in place."""
+def draw_label(img: np.ndarray, *lines: str) -> tuple[int, int]:
+    """Stamp `lines` (default "PREVIEW") in the top-left corner, white on a dark box, in place.
+    Returns the box's (width, height); (0, 0) when the picture is too small for it."""
+    lines = lines or ("PREVIEW",)
     scale = max(1, img.shape[0] // 160)
-    pad, cw = 2 * scale, 6 * scale
-    box_w, box_h = pad * 2 + cw * len(text) - scale, pad * 2 + 7 * scale
+    pad, cw, lh = 2 * scale, 6 * scale, 9 * scale
+    box_w = pad * 2 + cw * max(len(t) for t in lines) - scale
+    box_h = pad * 2 + lh * len(lines) - 2 * scale
     if box_w >= img.shape[1] or box_h >= img.shape[0]:
-        return
+        return 0, 0
     img[:box_h, :box_w] = (img[:box_h, :box_w] * 0.3).astype(np.uint8)
-    for i, ch in enumerate(text):
-        bits = np.array([[c == "1" for c in row] for row in _GLYPHS[ch]])
-        glyph = np.kron(bits, np.ones((scale, scale), bool))
-        x = pad + i * cw
-        img[pad:pad + glyph.shape[0], x:x + glyph.shape[1]][glyph] = 255
+    for row, text in enumerate(lines):
+        y = pad + row * lh
+        for i, ch in enumerate(text):
+            bits = np.array([[c == "1" for c in r] for r in _GLYPHS[ch]])
+            glyph = np.kron(bits, np.ones((scale, scale), bool))
+            x = pad + i * cw
+            img[y:y + glyph.shape[0], x:x + glyph.shape[1]][glyph] = 255
+    return box_w, box_h
 
 
 # 3. Engine and session --------------------------------------------------------------------------
 
 
-class PreviewSession:
-    """An `engine.api.EngineSession` that draws frames from loudness."""
+class DrawnFace:
+    """The default avatar's animation: a dark ellipse for a mouth at `mouth_box`, opening with
+    the loudness, and a closed-eyes picture every 4 s. Frame n is drawn onto a copy of `base`."""
 
-    def __init__(self, params: SessionParams, default_avatar: np.ndarray | None):
+    def __init__(self, width: int, height: int):
+        self.base = draw_default_face(width, height)
+        self.blink = draw_default_face(width, height, eyes_closed=True)
+        self.box = mouth_box(width, height)
+        x0, y0, x1, y1 = self.box
+        cx, cy = MOUTH_CENTER[0] * width, MOUTH_CENTER[1] * height
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        self._dx = (xx + 0.5 - cx) / max(4.0, MOUTH_WIDTH * width / 2)
+        self._dy = yy + 0.5 - cy
+        self._half_h = max(3.0, MOUTH_MAX_HEIGHT * height / 2)
+        s = min(width, height)  # the head ellipse of `draw_default_face`, as (x, y, w, h)
+        self.head = (round(width / 2 - 0.30 * s), round(height * 0.52 - 0.38 * s),
+                     round(0.60 * s), round(0.76 * s))
+
+    def render(self, frame: np.ndarray, n: int, opening: float) -> None:
+        if n % 100 in (50, 51):
+            frame[:] = self.blink
+        x0, y0, x1, y1 = self.box
+        ry = max(0.6, opening * self._half_h)
+        mask = self._dx**2 + (self._dy / ry) ** 2 <= 1.0
+        frame[y0:y1, x0:x1][mask] = MOUTH_COLOR
+
+
+class PreviewSession:
+    """An `engine.api.EngineSession` that draws frames from loudness.
+
+    `animator` is the face rig of a picture's face, the drawn face, or None (a picture without
+    a face: shown still). `info` says which, with the face's box.
+    """
+
+    def __init__(self, params: SessionParams, default_avatar: np.ndarray | None,
+                 detector: FaceDetector | None = None):
         image = params.image if params.image is not None else default_avatar
         # the same size rule as the real engine; the drawn face is 16:9 and fills the budget
         h_img, w_img = image.shape[:2] if image is not None else (9 * 1024, 16 * 1024)
         self.height, self.width = generation_size(h_img, w_img, parse_area(params.size))
+        self.animator: FaceRig | DrawnFace | None = None
+        marks: tuple[str, ...] = ("PREVIEW",)
         if image is None:
-            self.base = draw_default_face(self.width, self.height)
-            self.blink: np.ndarray | None = draw_default_face(self.width, self.height, True)
-            draw_label(self.blink)
+            drawn = DrawnFace(self.width, self.height)
+            self.animator, self.base = drawn, drawn.base.copy()
+            self.info: dict[str, object] = {
+                "source": "drawn", "animation": ["mouth", "blinks"],
+                "face": {"found": True, "view": "frontal", "detector": "none (drawn)",
+                         "box": list(drawn.head)}}
         else:
-            self.base = resize_cover(np.ascontiguousarray(image[:, :, :3]), self.width,
-                                     self.height)
-            self.blink = None
-        draw_label(self.base)
-        self.box = mouth_box(self.width, self.height)
-        x0, y0, x1, y1 = self.box
-        cx, cy = MOUTH_CENTER[0] * self.width, MOUTH_CENTER[1] * self.height
-        self._yy, self._xx = np.mgrid[y0:y1, x0:x1]
-        self._dx = (self._xx + 0.5 - cx) / max(4.0, MOUTH_WIDTH * self.width / 2)
-        self._dy = self._yy + 0.5 - cy
-        self._half_h = max(3.0, MOUTH_MAX_HEIGHT * self.height / 2)
+            still = resize_cover(np.ascontiguousarray(image[:, :, :3]), self.width, self.height)
+            face = (detector or FaceDetector()).find(still)
+            self.base = still.copy()
+            if face is None:
+                marks = ("PREVIEW", NO_FACE_MARK)
+                self.info = {"source": "image", "face": {"found": False}, "animation": [],
+                             "note": "no face was found in the avatar picture, so the preview "
+                                     "shows it still (marked NO FACE FOUND); use a picture with "
+                                     "a clear face at least 24 pixels high at the session size "
+                                     f"of {self.width}x{self.height}"}
+            else:
+                self.animator = FaceRig(still, face)
+                self.info = {"source": "image", "face": face.info(),
+                             "animation": ["jaw", "blinks", "head sway"]}
+        self.label = draw_label(self.base, *marks)  # (w, h) of the mark, kept on top
         self.audio = AudioBuffer()
         self.block = 0
 
@@ -180,17 +248,19 @@ class PreviewSession:
             raise RuntimeError(f"audio for frames {first}..{first + 11} has not arrived")
         audio = self.audio.read(first * SAMPLES_PER_FRAME, end)
         frames = np.repeat(self.base[None], FRAMES_PER_BLOCK, axis=0)
-        x0, y0, x1, y1 = self.box
         for i in range(FRAMES_PER_BLOCK):
-            if self.blink is not None and (first + i) % 100 in (50, 51):
-                frames[i] = self.blink  # a blink every 4 s keeps the idle face alive
             opening = mouth_opening(audio[i * SAMPLES_PER_FRAME:(i + 1) * SAMPLES_PER_FRAME])
-            ry = max(0.6, opening * self._half_h)
-            mask = self._dx**2 + (self._dy / ry) ** 2 <= 1.0
-            frames[i, y0:y1, x0:x1][mask] = MOUTH_COLOR
+            self.draw_frame(frames[i], first + i, opening)
         self.audio.forget_before(end)
         self.block += 1
         return FrameBlock(self.block - 1, first, frames, BlockTimings(), silent)
+
+    def draw_frame(self, frame: np.ndarray, n: int, opening: float) -> None:
+        """Animate frame number `n`, a copy of `base`, for a mouth `opening` in [0, 1]."""
+        if self.animator is not None:
+            self.animator.render(frame, n, opening)
+            w, h = self.label
+            frame[:h, :w] = self.base[:h, :w]  # the mark stays on top of a swaying head
 
     def close(self) -> None:
         pass
@@ -200,7 +270,8 @@ class PreviewEngine:
     """`engine.api.Engine` with no model. `default_avatar` replaces the drawn face if given."""
 
     name = "preview"
-    description = "preview engine (CPU, no model: the mouth follows the loudness)"
+    description = ("preview engine (CPU, no model: the face in the picture opens its mouth with "
+                   "the loudness)")
     lookahead_s = 0.0  # a frame needs only its own 40 ms of audio
 
     def __init__(self, config: EngineConfig | None = None,
@@ -208,9 +279,20 @@ class PreviewEngine:
         self.config = config or EngineConfig()
         self.default_avatar = default_avatar
         self.max_sessions = self.config.max_sessions or 8
+        self._detector: FaceDetector | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def detector(self) -> FaceDetector:
+        """The face detector, loaded at the first session with a picture."""
+        with self._lock:
+            if self._detector is None:
+                self._detector = FaceDetector()
+            return self._detector
 
     def open_session(self, params: SessionParams) -> PreviewSession:
-        return PreviewSession(params, self.default_avatar)
+        pictured = params.image is not None or self.default_avatar is not None
+        return PreviewSession(params, self.default_avatar, self.detector if pictured else None)
 
     def close(self) -> None:
         pass

@@ -5,7 +5,9 @@
 - a synthetic voiced signal (pulse train through formant resonators, with syllables and pauses)
   where a test needs only speech-like loudness and spectrum, without any external program;
 - faces drawn by the project (the preview engine's cartoon face), in landscape and portrait,
-  and written as JPEG/PNG/WAV files through PyAV where a test needs a file on disk.
+  and written as JPEG/PNG/WAV files through PyAV where a test needs a file on disk;
+- for the face detector, shaded faces, synthetic "photos" and landscapes come from
+  `engine.synthetic_face` (shared with `avatar preview-bench`).
 """
 
 from __future__ import annotations
