@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -107,6 +107,17 @@ class EngineSession(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def session_info(session: EngineSession) -> dict[str, Any]:
+    """JSON-ready facts an engine session tells about itself, such as the preview's face
+    detection ("face": {"found": ...}); {} for a session that tells nothing.
+
+    Optional for engines: a session may have an `info` dict attribute; the server passes it on
+    as the session's "avatar" info.
+    """
+    info = getattr(session, "info", None)
+    return dict(info) if isinstance(info, dict) else {}
 
 
 class Engine(Protocol):

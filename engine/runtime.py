@@ -32,6 +32,7 @@ from engine.api import (
     EngineSession,
     FrameBlock,
     SessionParams,
+    session_info,
 )
 from engine.errors import CapacityExhausted
 
@@ -45,6 +46,15 @@ class RuntimeStats:
     skipped_blocks: int = 0
     failed_sessions: int = 0
     block_seconds_total: float = 0.0
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    """What `open_session` returns: the frame size, media time 0, and the session's info."""
+
+    size: tuple[int, int]  # (width, height)
+    t0: float  # monotonic time of media time 0
+    info: dict[str, Any] = field(default_factory=dict)  # `engine.api.session_info`
 
 
 @dataclass
@@ -118,15 +128,13 @@ class EngineRuntime:
 
     async def open_session(self, sid: str, params: SessionParams,
                            on_block: Callable[[FrameBlock], None],
-                           on_error: Callable[[BaseException], None]
-                           ) -> tuple[tuple[int, int], float]:
+                           on_error: Callable[[BaseException], None]) -> OpenedSession:
         """Open a session in the engine thread (after `admit`).
 
-        Returns ((width, height), t0): media time 0 is the moment the session became ready,
-        so a slow set-up (seconds for the real model) does not start it late.
+        Media time 0 (`t0`) is the moment the session became ready, so a slow set-up (seconds
+        for the real model) does not start it late.
         """
-        future: concurrent.futures.Future[tuple[tuple[int, int], float]] = (
-            concurrent.futures.Future())
+        future: concurrent.futures.Future[OpenedSession] = concurrent.futures.Future()
         self._opener.submit(self._open, sid, params, on_block, on_error, future)
         try:
             return await asyncio.wrap_future(future)
@@ -225,7 +233,7 @@ class EngineRuntime:
             if sid in self._abandoned:
                 self._abandoned.discard(sid)
                 self._close(sid)
-            future.set_result((session.size, t0))
+            future.set_result(OpenedSession(session.size, t0, session_info(session)))
         elif kind == "close":
             if arg in self._slots:
                 self._close(arg)

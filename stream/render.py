@@ -28,6 +28,7 @@ from engine.api import (
     AudioChunk,
     Engine,
     SessionParams,
+    session_info,
 )
 from stream.media.decode import MediaError, read_audio, read_image
 
@@ -102,6 +103,8 @@ def render(engine: Engine, image: np.ndarray, audio: np.ndarray, out: Path,
                                                 size=params.size, seed=params.seed,
                                                 steps=params.steps))
     width, height = session.size
+    if report is not None:
+        _describe_avatar(session_info(session), report)
     out.parent.mkdir(parents=True, exist_ok=True)
     mux = _Muxer(out, width, height)
     blocks_total = -(-total // 12)
@@ -139,6 +142,17 @@ def render(engine: Engine, image: np.ndarray, audio: np.ndarray, out: Path,
         report.write("\n")
     return RenderResult(out, mux.frames, width, height, len(audio) / SAMPLE_RATE,
                         time.monotonic() - started)
+
+
+def _describe_avatar(info: dict, report: TextIO) -> None:
+    """One line on what the engine found in the picture (the preview: the face), if it says."""
+    face = info.get("face")
+    if isinstance(face, dict) and face.get("found") and "box" in face:
+        x, y, w, h = face["box"]
+        report.write(f"avatar: animating the face found at x={x} y={y} ({w}x{h} px, "
+                     f"{face['view']})\n")
+    if info.get("note"):
+        report.write(f"avatar: {info['note']}\n")
 
 
 def _resample(audio: np.ndarray, rate: int) -> np.ndarray:

@@ -75,12 +75,14 @@ class Session:
                  size: tuple[int, int],
                  clock: MediaClock, cfg: StreamConfig, executor: Executor,
                  push_audio: Callable[[AudioChunk], None], close_engine: Callable[[], None],
-                 on_closed: Callable[[Session], Awaitable[None]] | None = None):
+                 on_closed: Callable[[Session], Awaitable[None]] | None = None,
+                 avatar: dict[str, Any] | None = None):
         self.id = sid
         self.token = token  # scope "call": the speaker's page and the backend
         self.viewer_token = viewer_token  # scope "view": viewer, OBS and MPEG-TS links
         self.expires_at = expires_at
         self.size = size
+        self.avatar = avatar or {}  # what the engine says of the avatar (the preview: its face)
         self.clock = clock
         self.cfg = cfg
         self.executor = executor
@@ -270,4 +272,5 @@ class Session:
             "blocks": self.stats.blocks, "silent_blocks": self.stats.silent_blocks,
             "frames_sent": self.stats.frames_sent,
             "audio_in_seconds": round(self.audio_in.samples_in / 16000, 2),
+            "avatar": self.avatar,
         }

@@ -82,23 +82,26 @@ class SessionManager:
 
         delay = self.playout_delay()
         try:
-            size, t0 = await self.runtime.open_session(sid, params, on_block, on_error)
+            opened = await self.runtime.open_session(sid, params, on_block, on_error)
         except InputError as exc:
             raise ApiError(422, "invalid_session_params", str(exc)) from None
         except EngineError as exc:
             raise ApiError(500, "engine_error", str(exc), retryable=exc.retryable) from None
         token, expires = self.auth.issue(sid, "call")
         viewer_token, _ = self.auth.issue(sid, "view")
-        clock = MediaClock(t0, delay)
-        session = Session(sid, token, viewer_token, expires, size, clock, self.cfg, self.executor,
+        clock = MediaClock(opened.t0, delay)
+        session = Session(sid, token, viewer_token, expires, opened.size, clock, self.cfg,
+                          self.executor,
                           push_audio=lambda chunk: self.runtime.push_audio(sid, chunk),
                           close_engine=lambda: self.runtime.close_session(sid),
-                          on_closed=self._forget)
+                          on_closed=self._forget, avatar=opened.info)
         holder["s"] = session
         self.sessions[sid] = session
         self.metrics.inc("avatar_sessions_created_total")
-        log.info("session %s created: %dx%d, playout delay %.2f s, engine %s", sid, size[0],
-                 size[1], delay, self.engine.name)
+        log.info("session %s created: %dx%d, playout delay %.2f s, engine %s", sid,
+                 opened.size[0], opened.size[1], delay, self.engine.name)
+        if opened.info.get("note"):
+            log.warning("session %s: %s", sid, opened.info["note"])
         return session
 
     def get(self, sid: str) -> Session:

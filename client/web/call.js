@@ -28,6 +28,11 @@ async function start() {
     }
     const { session_id: sid, token } = session;
     if (session.engine && session.engine.preview) $('badge').hidden = false;
+    const face = session.avatar && session.avatar.face;
+    if (face && face.found === false) {  // the preview found no face: it shows the picture still
+      $('badge').textContent = 'PREVIEW ENGINE · NO FACE FOUND';
+      $('badge').title = session.avatar.note || '';
+    }
     status('Asking for the microphone…');
     mic = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: true } });

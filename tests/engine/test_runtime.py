@@ -18,10 +18,10 @@ async def open_one(runtime: EngineRuntime, sid: str = "s"):  # noqa: ANN201
     blocks: list[tuple[float, FrameBlock]] = []
     errors: list[BaseException] = []
     runtime.admit()
-    size, t0 = await runtime.open_session(sid, SessionParams(size="128*64"),
-                                          lambda b: blocks.append((time.monotonic(), b)),
-                                          errors.append)
-    return blocks, errors, t0
+    opened = await runtime.open_session(sid, SessionParams(size="128*64"),
+                                        lambda b: blocks.append((time.monotonic(), b)),
+                                        errors.append)
+    return blocks, errors, opened.t0
 
 
 async def test_blocks_come_on_deadline_as_silence_when_no_audio() -> None:

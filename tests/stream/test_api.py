@@ -19,13 +19,16 @@ from tests.stream.conftest import Running, make_config, start_server
 GOOD_OFFER = "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
 
 
-def png_bytes(w: int = 96, h: int = 64) -> bytes:
+def png_bytes(w: int = 96, h: int = 64, img: np.ndarray | None = None) -> bytes:
+    """A PNG of `img` (uint8 RGB), or of a flat green w x h picture."""
+    if img is None:
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:, :, 1] = 200
+    h, w = img.shape[:2]
     buf = io.BytesIO()
     with av.open(buf, "w", format="image2pipe") as c:
         s = c.add_stream("png", rate=1)
         s.width, s.height, s.pix_fmt = w, h, "rgb24"
-        img = np.zeros((h, w, 3), np.uint8)
-        img[:, :, 1] = 200
         c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         c.mux(s.encode(None))
     return buf.getvalue()
@@ -83,6 +86,34 @@ async def test_image_upload_multipart_and_base64(running: Running) -> None:
                                  json={"image": data, "size": "256*128"}) as r:
         body = await r.json()
         assert r.status == 201 and body["video"]["width"] == 256 and body["video"]["height"] == 128
+
+
+async def test_session_info_says_which_face_the_preview_animates(running: Running) -> None:
+    from engine.synthetic_face import landscape, portrait_photo
+
+    photo, face = portrait_photo(704, 384, 0.3, 0.4, 0.15)
+    infos = []
+    for img in (photo, landscape(704, 384)):
+        form = FormData()
+        form.add_field("image", png_bytes(img=img), filename="avatar.png",
+                       content_type="image/png")
+        form.add_field("size", "704*384")  # the picture's own size: boxes in its pixels
+        async with running.http.post(f"{running.base}/v1/sessions", data=form) as r:
+            created = await r.json()
+            assert r.status == 201, created
+        async with running.http.get(created["urls"]["session"], headers={
+                "Authorization": f"Bearer {created['token']}"}) as r:
+            infos.append((created["avatar"], (await r.json())["avatar"]))
+    (found, again), (none, _) = infos
+    assert found == again and found["source"] == "image"
+    assert found["face"]["found"] is True and found["face"]["view"] == "frontal"
+    x, y, w, h = found["face"]["box"]
+    assert x < face.mouth[0] < x + w and y < face.mouth[1] < y + h
+    assert "jaw" in found["animation"]
+    assert none["face"] == {"found": False} and none["animation"] == []
+    assert "no face" in none["note"]
+    drawn = (await running.create())["avatar"]  # no picture: the drawn face
+    assert drawn["source"] == "drawn" and drawn["face"]["found"] is True
 
 
 async def test_delete_and_keepalive(running: Running) -> None:
