@@ -11,14 +11,17 @@ nothing, proportions of an average face stand in. Everything is in pixels of the
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 MIN_FACE = 24  # pixels: the cascades' own training window; smaller faces are not looked for
+REMEMBERED = 64  # avatars whose face is kept (a session with a known avatar skips detection)
 
 
 @dataclass(frozen=True)
@@ -86,25 +89,37 @@ class FaceDetector:
                 raise RuntimeError(f"OpenCV's haarcascade_{name}.xml did not load from {root}; "
                                    "reinstall opencv-python-headless (>=4.13,<5)")
         self._lock = threading.Lock()  # a CascadeClassifier is not safe to share across threads
+        self._known: OrderedDict[bytes, FaceLayout | None] = OrderedDict()  # LRU, by picture
 
     def find(self, rgb: np.ndarray) -> FaceLayout | None:
-        """The largest face in uint8 RGB `rgb` and its features, or None."""
-        gray = cv2.equalizeHist(cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY))
+        """The largest face in uint8 RGB `rgb` and its features, or None. Once per avatar: the
+        answer for the last `REMEMBERED` pictures is kept, keyed by their pixels."""
+        rgb = np.ascontiguousarray(rgb)
+        key = hashlib.blake2b(str(rgb.shape).encode() + rgb.tobytes(), digest_size=16).digest()
         with self._lock:
-            box = self._largest("frontalface_alt2", gray)
-            if box is not None:
-                return self._layout(gray, box, FRONTAL, "frontal",
-                                    "haarcascade_frontalface_alt2")
-            left = self._largest("profileface", gray)
-            mirrored = self._largest("profileface", np.ascontiguousarray(gray[:, ::-1]))
-            if mirrored is not None and (left is None or mirrored[2] > left[2]):
-                x, y, w, h = mirrored
-                return self._layout(gray, (gray.shape[1] - x - w, y, w, h),
-                                    PROFILE_LEFT.mirrored(), "profile-right",
-                                    "haarcascade_profileface (mirrored)")
-            if left is not None:
-                return self._layout(gray, left, PROFILE_LEFT, "profile-left",
-                                    "haarcascade_profileface")
+            if key in self._known:
+                self._known.move_to_end(key)
+                return self._known[key]
+            face = self._search(rgb)
+            self._known[key] = face
+            while len(self._known) > REMEMBERED:
+                self._known.popitem(last=False)
+            return face
+
+    def _search(self, rgb: np.ndarray) -> FaceLayout | None:
+        gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+        box = self._largest("frontalface_alt2", gray)
+        if box is not None:
+            return self._layout(gray, box, FRONTAL, "frontal", "haarcascade_frontalface_alt2")
+        left = self._largest("profileface", gray)
+        mirrored = self._largest("profileface", np.ascontiguousarray(gray[:, ::-1]))
+        if mirrored is not None and (left is None or mirrored[2] > left[2]):
+            x, y, w, h = mirrored
+            return self._layout(gray, (gray.shape[1] - x - w, y, w, h), PROFILE_LEFT.mirrored(),
+                                "profile-right", "haarcascade_profileface (mirrored)")
+        if left is not None:
+            return self._layout(gray, left, PROFILE_LEFT, "profile-left",
+                                "haarcascade_profileface")
         return None
 
     # 1. detection ---------------------------------------------------------------------------

@@ -238,3 +238,16 @@ def test_preview_bench_prints_its_figures(capsys) -> None:
                                             "no face (still)"]
     assert results[0]["face_box"] and results[1]["face_box"] and results[3]["face_box"] is None
     assert all(r["frame_size"] == "704x384" and r["realtime_factor"] > 0 for r in results)
+
+
+def test_the_face_is_found_once_per_avatar() -> None:
+    detector = FaceDetector()
+    photo, _ = portrait_photo(704, 384, 0.3, 0.45, 0.15, seed=1)
+    calls = []
+    search = detector._search
+    detector._search = lambda rgb: calls.append(1) or search(rgb)  # type: ignore[method-assign]
+    first = detector.find(photo)
+    assert first is not None
+    assert detector.find(photo.copy()) == first and len(calls) == 1  # same pixels: remembered
+    other, _ = portrait_photo(704, 384, 0.6, 0.45, 0.15, seed=1)
+    assert detector.find(other) != first and len(calls) == 2
