@@ -93,7 +93,9 @@ class SessionManager:
         session = Session(sid, token, viewer_token, expires, size, clock, self.cfg, self.executor,
                           push_audio=lambda chunk: self.runtime.push_audio(sid, chunk),
                           close_engine=lambda: self.runtime.close_session(sid),
-                          on_closed=self._forget)
+                          on_closed=self._forget,
+                          cut_audio=lambda start, end, on_cut: self.runtime.cut_audio(
+                              sid, start, end, on_cut))
         holder["s"] = session
         self.sessions[sid] = session
         self.metrics.inc("avatar_sessions_created_total")
