@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -57,6 +58,10 @@ log = logging.getLogger(__name__)
 
 YIELD_EVERY = 32  # messages read back to back before the reader lets other tasks run
 CLOSE_TIMEOUT_S = 2.0
+# the kernel's buffers for one socket, each way: back-pressure reaches a bot that floods the
+# socket (instead of megabytes of audio waiting unseen in the server's kernel, an interrupt
+# behind them), and a client that stops reading is noticed after this much, not after 4 MB
+SOCKET_BUFFER_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ class BotSocket:
         self._interrupts: deque[str | None] = deque()  # client event ids awaiting cleared
         self._full_reported = False
         self._rate_reported = 0.0
+        self._sending_since: float | None = None
         # figures
         self.bytes_sent = 0
         self.video_frames = 0
@@ -145,12 +151,14 @@ class BotSocket:
     async def run(self) -> web.WebSocketResponse:
         self.session.check_audio_source("socket")  # before the upgrade: a JSON 409 if busy
         await self.ws.prepare(self.request)
+        self._bound_kernel_buffers()
         self.metrics.inc("avatar_ws_connections_total")
         speech = self.session.speech_source()
         try:
             await self.session.attach_socket(self)
             speech.listener = self._on_speech
             self._spawn(self._write(), f"ws-write-{self.id}")
+            self._spawn(self._watch(), f"ws-watch-{self.id}")
             self._spawn(self._stats(), f"ws-stats-{self.id}")
             self.emit("session.ready", {
                 "session_id": self.session.id, "protocol": PROTOCOL_VERSION,
@@ -180,6 +188,14 @@ class BotSocket:
         """Close from outside (the session ends, or a newer socket takes over)."""
         await self._close(code, reason)
 
+    def _bound_kernel_buffers(self) -> None:
+        transport = self.request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
@@ -201,18 +217,15 @@ class BotSocket:
         try:
             await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()[:123]),
                                    CLOSE_TIMEOUT_S)
-            return
         except (TimeoutError, ConnectionError):
             pass
-        # the client takes nothing: let what is queued (the close frame too) go out for a
-        # little longer, then drop the connection, so nothing is buffered for it forever
-        transport = self.request.transport
-        if transport is None:
-            return
-        transport.close()
-        if transport.get_write_buffer_size():
-            await asyncio.sleep(CLOSE_TIMEOUT_S)
-        transport.abort()
+        finally:
+            # a client that takes nothing gets a moment more for what is queued (the close
+            # frame too), then the connection is dropped: nothing is buffered for it forever
+            transport = self.request.transport
+            if transport is not None:
+                transport.close()
+                asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, transport.abort)
 
     async def _teardown(self, speech: Any) -> None:
         if speech.listener == self._on_speech:
@@ -311,8 +324,8 @@ class BotSocket:
             await self._until(speech.wait_for_room(seconds))
             if self._closing.is_set():
                 return
-        else:
-            self._full_reported = False
+        elif speech.queue.seconds < speech.queue.capacity_s / 2:
+            self._full_reported = False  # a new episode needs the queue half empty first
         speech.push(samples, fmt.sample_rate, fmt.channels)
         self.session.touch()
 
@@ -410,29 +423,40 @@ class BotSocket:
                     self.video_frames += 1
                 else:
                     self.audio_slices += 1
-            elif self.consumer.stalled:
-                await self._not_reading("its media backed up")
-                return
             else:
                 self._wake.clear()
                 await self._wake.wait()
 
     async def _send(self, coro: Coroutine[Any, Any, None], size: int) -> None:
+        # never cancelled from here: a cancelled aiohttp send leaves its drain waiter
+        # cancelled for every later send; `_watch` notices a send that hangs instead
+        self._sending_since = time.monotonic()
         try:
-            await asyncio.wait_for(coro, self.cfg.send_timeout_s)
-        except TimeoutError:
-            await self._not_reading(f"a send waited {self.cfg.send_timeout_s:g} s")
-            return
+            await coro
         except ConnectionError:
             self._closing.set()
             return
+        finally:
+            self._sending_since = None
         self.bytes_sent += size
 
-    async def _not_reading(self, why: str) -> None:
-        self.metrics.inc("avatar_ws_errors_total", code="not_reading")
-        self._spawn(self._close(CLOSE_POLICY, f"the client is not reading ({why}; "
-                                f"websocket.send_timeout_s)"), f"ws-close-{self.id}")
-        self._closing.set()
+    async def _watch(self) -> None:
+        """A client that does not read: a send hanging for send_timeout_s, or media piling up
+        for it (audio is never dropped) -> closed with 1008."""
+        timeout = self.cfg.send_timeout_s
+        while not self._closing.is_set():
+            await asyncio.sleep(min(0.25, timeout / 4))
+            since = self._sending_since
+            if since is not None and time.monotonic() - since > timeout:
+                why = f"a send waited {timeout:g} s"
+            elif self.consumer.stalled:
+                why = "its media backed up"
+            else:
+                continue
+            self.metrics.inc("avatar_ws_errors_total", code="not_reading")
+            await self._close(CLOSE_POLICY, f"the client is not reading ({why}; "
+                              "websocket.send_timeout_s)")
+            return
 
     async def _stats(self) -> None:
         while True:
