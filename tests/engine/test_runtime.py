@@ -128,6 +128,13 @@ def test_frameblock_defaults() -> None:
     assert b.size == (16, 8) and b.fps == 25
 
 
+async def until(condition, seconds: float = 5.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    assert condition()
+
+
 async def test_cut_audio_silences_from_the_first_block_not_yet_started() -> None:
     """An interrupt's cut: blocks already made keep their speech, later ones are silent, and
     the runtime says exactly where the cut fell."""
@@ -138,13 +145,11 @@ async def test_cut_audio_silences_from_the_first_block_not_yet_started() -> None
     blocks, _, t0 = await open_one(runtime)
     loud = (0.5 * np.sin(2 * np.pi * 220 * np.arange(5 * 7680) / 16000)).astype(np.float32)
     runtime.push_audio("s", AudioChunk(loud[:2 * 7680], 0))  # blocks 0 and 1 are ready now
-    while len(blocks) < 2:
-        await asyncio.sleep(0.01)
+    await until(lambda: len(blocks) >= 2)
     runtime.push_audio("s", AudioChunk(loud[2 * 7680:], 2 * 7680))
     cuts: list[int] = []
     runtime.cut_audio("s", 100, 5 * 7680, cuts.append)  # asks for 100: blocks 0, 1 are made
-    while not cuts or len(blocks) < 5:
-        await asyncio.sleep(0.01)
+    await until(lambda: bool(cuts) and len(blocks) >= 5)
     await runtime.aclose()
     cut = cuts[0]
     assert cut % 7680 == 0 and cut >= 2 * 7680, cut  # a block boundary no block had read
