@@ -133,7 +133,7 @@ class WebSocketConfig:
     server reading the socket (TCP back-pressure) until the session has played enough of it."""
 
     max_queued_audio_s: float = 30.0  # audio a bot may send ahead of what entered the session
-    release_ahead_s: float = 1.0  # audio enters the session at most this far ahead of real time
+    release_ahead_s: float = 0.5  # audio enters the session at most this far ahead of real time
     max_message_bytes: int = 1_048_576  # a larger message closes the socket with 1009
     max_messages_per_s: int = 500  # above this rate the server reads slower (`rate_limited`)
     send_timeout_s: float = 10.0  # a client that takes no message for this long is closed (1008)
