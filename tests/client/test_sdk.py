@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from avatar_client import (
     ApiError,
     AvatarSocket,
     MediaFrame,
+    UtteranceEnded,
     UtteranceStarted,
     create_session,
     delete_session,
 )
+
 from tests import media
 from tests.conftest import REPO
 from tests.stream.conftest import Running
@@ -92,8 +93,6 @@ async def test_stream_file_resamples_any_wav(running: Running, tmp_path: Path) -
     async with await AvatarSocket.connect(session) as bot:
         mark = bot.ready.seq
         assert await bot.stream_file(wav, chunk_ms=60)
-        from avatar_client import UtteranceEnded
-
         ended = await bot.wait_for(UtteranceEnded, within=10)
         assert abs(ended.played_ms - 1200) <= 2 and mark == 1
     await delete_session(session)
