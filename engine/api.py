@@ -91,7 +91,9 @@ class EngineSession(Protocol):
         ...
 
     def push_audio(self, chunk: AudioChunk) -> None:
-        """Add audio; a chunk may start anywhere on the session timeline."""
+        """Add audio; a chunk may start anywhere on the session timeline. Samples overlapping
+        audio already pushed replace it for every block not yet started (the runtime's
+        `cut_audio` relies on this to silence an interrupted utterance)."""
         ...
 
     def ready(self) -> bool:

@@ -7,6 +7,11 @@ goes first. A session that falls more than `max_lag_blocks` behind skips ahead o
 timeline instead of queueing. No block starts more than `max_ahead_s` before its media time, so
 audio sent faster than real time cannot flood the viewers' frame stores.
 
+An interrupted source cuts its audio (`cut_audio`): the runtime replaces the session's audio from
+the first sample no started block has read with silence, and says where that cut fell, so the
+server silences exactly the same span of the played audio: no frame made from speech is ever shown
+without its sound, and nothing after the cut is speech.
+
 Torch-free: the engine decides what it imports. Results reach the event loop only through
 `loop.call_soon_threadsafe`; commands reach the thread only through a queue (audio is never
 dropped: the loop drains the queue every iteration).
@@ -25,8 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from engine.api import (
     BLOCK_SECONDS,
+    SAMPLES_PER_BLOCK,
     AudioChunk,
     Engine,
     EngineSession,
@@ -147,6 +155,12 @@ class EngineRuntime:
     def push_audio(self, sid: str, chunk: AudioChunk) -> None:
         self._commands.put(("audio", (sid, chunk)))
 
+    def cut_audio(self, sid: str, start: int, end: int, on_cut: Callable[[int], None]) -> None:
+        """Silence session `sid`'s audio [cut, end) (16 kHz samples), where cut is `start` or,
+        if later, the first sample of the first block not yet started; `on_cut(cut)` then runs
+        on the event loop. Ordered with `push_audio`: audio pushed before applies first."""
+        self._commands.put(("cut", (sid, start, end, on_cut)))
+
     def close_session(self, sid: str) -> None:
         self._commands.put(("close", sid))
 
@@ -225,6 +239,19 @@ class EngineRuntime:
                     slot.session.push_audio(chunk)
                 except Exception as exc:
                     self._fail(slot, exc)
+        elif kind == "cut":
+            sid, start, end, on_cut = arg
+            slot = self._slots.get(sid)
+            cut = start
+            if slot is not None:
+                # blocks before slot.block have read their audio; later ones have not
+                cut = max(start, slot.block * SAMPLES_PER_BLOCK)
+                if end > cut:
+                    try:  # overlapping audio replaces what is there (EngineSession.push_audio)
+                        slot.session.push_audio(AudioChunk(np.zeros(end - cut, np.float32), cut))
+                    except Exception as exc:
+                        self._fail(slot, exc)
+            self.loop.call_soon_threadsafe(on_cut, cut)
         elif kind == "opened":
             sid, session, on_block, on_error, future = arg
             t0 = time.monotonic()

@@ -1,5 +1,5 @@
-"""The aiohttp application: every endpoint on one port (REST, WebRTC signalling, WHEP, MPEG-TS,
-pages, health and metrics). Handlers validate, then hand off to the SessionManager / Session.
+"""The aiohttp application: every endpoint on one port (REST, WebRTC signalling, WHEP, the bot
+WebSocket, MPEG-TS, pages, health and metrics). Handlers validate, then hand off to the SessionManager / Session.
 
 Errors are JSON `{"error": {"code", "message", "retryable"}}` with a fitting HTTP status.
 """
@@ -39,6 +39,7 @@ from stream.media.timeline import SAMPLES_PER_VIDEO_FRAME
 from stream.metrics import Metrics
 from stream.sessions import SessionManager
 from stream.webrtc import check_offer_sdp, ice_servers_json, restrict_host_addresses
+from stream.ws.handler import bot_socket
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class Server:
                                lambda: len(self.manager.sessions) if self.manager else 0)
             self.metrics.gauge("avatar_viewers_active", "Viewers (peers and MPEG-TS) now.",
                                lambda: sum(s.viewer_count for s in self.manager.sessions.values())
+                               if self.manager else 0)
+            self.metrics.gauge("avatar_ws_connections_active", "Bot WebSocket connections now.",
+                               lambda: sum(len(s.sockets) for s in self.manager.sessions.values())
                                if self.manager else 0)
             self.metrics.gauge("avatar_engine_load", "Measured engine load (1 = real time).",
                                runtime.load)
@@ -281,6 +285,7 @@ async def create_session(request: web.Request) -> web.Response:
         "urls": {
             "session": api, "offer": f"{api}/offer", "whep": f"{api}/whep",
             "stream_ts": f"{api}/stream.ts?token={view}",
+            "ws": f"{base.replace('http', 'ws', 1)}/v1/sessions/{sid}/ws",
             "call": f"{base}/call?session={sid}&token={tok}",
             "obs": f"{base}/obs/{sid}?token={view}",
             "viewer": f"{base}/obs/{sid}?token={view}&audio=1",
@@ -372,7 +377,19 @@ async def delete_peer(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-# 5. MPEG-TS over HTTP -----------------------------------------------------------------------------
+# 5. The chatbot WebSocket (stream/ws/) -------------------------------------------------------------
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    session = _session(request, "call")
+    srv = server_of(request)
+    engine = srv.ready_manager().engine
+    return await bot_socket(request, session, srv.cfg.websocket, srv.metrics,
+                            {"name": engine.name, "preview": engine.name == "preview"},
+                            srv.ready_manager().runtime.load)
+
+
+# 6. MPEG-TS over HTTP -----------------------------------------------------------------------------
 
 
 async def stream_ts(request: web.Request) -> web.StreamResponse:
@@ -425,7 +442,7 @@ async def stream_ts(request: web.Request) -> web.StreamResponse:
     return response
 
 
-# 6. Pages, health, metrics -----------------------------------------------------------------------
+# 7. Pages, health, metrics -----------------------------------------------------------------------
 
 
 async def page(request: web.Request) -> web.FileResponse:
@@ -463,7 +480,7 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"X-Content-Type-Options": "nosniff"})
 
 
-# 7. The app ------------------------------------------------------------------------------------
+# 8. The app ------------------------------------------------------------------------------------
 
 
 def build_app(cfg: StreamConfig, engine: Engine | None = None) -> web.Application:
@@ -490,5 +507,6 @@ def build_app(cfg: StreamConfig, engine: Engine | None = None) -> web.Applicatio
     r.add_delete("/v1/sessions/{sid}/whep/{pid}", delete_peer)
     r.add_delete("/v1/sessions/{sid}/peers/{pid}", delete_peer)
     r.add_get("/v1/sessions/{sid}/stream.ts", stream_ts)
+    r.add_get("/v1/sessions/{sid}/ws", websocket)
     return app
 

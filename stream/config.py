@@ -1,6 +1,7 @@
 """config.toml for the server: read once by the entry point; each package parses its own section.
 
-`stream` owns [server], [webrtc], [media], [sessions] and [avatars]; `engine` owns [engine].
+`stream` owns [server], [webrtc], [media], [sessions], [websocket] and [avatars]; `engine` owns
+[engine].
 Frozen dataclasses; every validation error names the dotted key and the accepted range.
 """
 
@@ -103,9 +104,11 @@ class MediaConfig:
     keyframe_interval_s: float = 1.0
     encoder_threads: int = 2  # the dedicated encoding executor
     playout_margin_s: float = 0.15  # added to the engine's latency for the playout delay
+    jpeg_qscale: int = 3  # JPEG frames on the WebSocket: 2 (best) .. 31 (smallest)
 
     def __post_init__(self) -> None:
         _range("media.bitrate_kbps", self.bitrate_kbps, 100, 50_000)
+        _range("media.jpeg_qscale", self.jpeg_qscale, 2, 31)
         _range("media.keyframe_interval_s", self.keyframe_interval_s, 0.2, 10.0)
         _range("media.encoder_threads", self.encoder_threads, 1, 32)
         _range("media.playout_margin_s", self.playout_margin_s, 0.0, 5.0)
@@ -125,17 +128,44 @@ class SessionsConfig:
 
 
 @dataclass(frozen=True)
+class WebSocketConfig:
+    """The chatbot WebSocket API (stream/ws/). Audio is never dropped: a full queue stops the
+    server reading the socket (TCP back-pressure) until the session has played enough of it."""
+
+    max_queued_audio_s: float = 30.0  # audio a bot may send ahead of what entered the session
+    release_ahead_s: float = 0.5  # audio enters the session at most this far ahead of real time
+    max_message_bytes: int = 1_048_576  # a larger message closes the socket with 1009
+    max_messages_per_s: int = 500  # above this rate the server reads slower (`rate_limited`)
+    send_timeout_s: float = 10.0  # a client that takes no message for this long is closed (1008)
+    heartbeat_s: float = 15.0  # ping period; no pong within half of it closes the socket
+    stats_interval_s: float = 1.0  # default period of `stats` events (0: off)
+    max_pending_events: int = 256  # events waiting to be sent; beyond it the socket is closed
+
+    def __post_init__(self) -> None:
+        _range("websocket.max_queued_audio_s", self.max_queued_audio_s, 1.0, 600.0)
+        # the playout ring holds the playout delay + 10 s: a source may be at most 5 s ahead
+        _range("websocket.release_ahead_s", self.release_ahead_s, 0.1, 5.0)
+        _range("websocket.max_message_bytes", self.max_message_bytes, 1024, 64 * 1024 * 1024)
+        _range("websocket.max_messages_per_s", self.max_messages_per_s, 10, 100_000)
+        _range("websocket.send_timeout_s", self.send_timeout_s, 0.5, 600.0)
+        _range("websocket.heartbeat_s", self.heartbeat_s, 1.0, 600.0)
+        _range("websocket.stats_interval_s", self.stats_interval_s, 0.0, 3600.0)
+        _range("websocket.max_pending_events", self.max_pending_events, 16, 100_000)
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     webrtc: WebRTCConfig = field(default_factory=WebRTCConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     avatars: dict[str, str] = field(default_factory=dict)  # name -> image path
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @classmethod
     def parse(cls, raw: dict[str, Any], base_dir: Path | None = None) -> StreamConfig:
-        known = {"server", "webrtc", "media", "sessions", "avatars", "engine"}
+        known = {"server", "webrtc", "media", "sessions", "websocket", "avatars", "engine"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"config has unknown section(s) {unknown}; accepted: {sorted(known)}")
@@ -152,6 +182,7 @@ class StreamConfig:
             webrtc=_parse(WebRTCConfig, "webrtc", raw.get("webrtc")),
             media=_parse(MediaConfig, "media", raw.get("media")),
             sessions=_parse(SessionsConfig, "sessions", raw.get("sessions")),
+            websocket=_parse(WebSocketConfig, "websocket", raw.get("websocket")),
             avatars=avatars,
             engine=EngineConfig.parse(engine_raw),
         )

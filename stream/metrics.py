@@ -15,6 +15,9 @@ HELP = {
     "avatar_blocks_total": "Frame blocks (12 frames) received from the engine.",
     "avatar_peers_total": "WebRTC peers connected, by kind.",
     "avatar_http_errors_total": "Error responses, by code.",
+    "avatar_ws_connections_total": "Bot WebSocket connections accepted.",
+    "avatar_ws_messages_total": "Bot WebSocket messages received, by type (audio: binary).",
+    "avatar_ws_errors_total": "Bot WebSocket errors and policy closes, by code.",
 }
 
 

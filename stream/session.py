@@ -1,10 +1,12 @@
-"""One avatar session: its clock, frames and playout audio, its caller and its viewers.
+"""One avatar session: its clock, frames and playout audio, its audio source and its viewers.
 
-The caller's microphone feeds `AudioInput` (-> engine and playout store); the engine's blocks
-land in the `FrameStore`; every viewer (the caller's own peer, WHEP peers, MPEG-TS readers) plays
-from those two stores on the same clock. Any peer that disconnects is torn down completely (its
-tasks cancelled and awaited, its tracks stopped, its peer connection closed); the session itself
-ends on DELETE, idle timeout, maximum length, or an engine failure.
+The audio source is either the caller's microphone or a bot's WebSocket (never both at once): the
+microphone feeds `AudioInput` directly, a bot's audio goes through its `SpeechSource` (a bounded
+queue released at the pace of the clock). `AudioInput` feeds the engine and the playout store; the
+engine's blocks land in the `FrameStore`; every viewer (the caller's own peer, WHEP peers, MPEG-TS
+readers, WebSocket media) plays from those two stores on the same clock. Any peer that disconnects
+is torn down completely (its tasks cancelled and awaited, its tracks stopped, its peer connection
+closed); the session itself ends on DELETE, idle timeout, maximum length, or an engine failure.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import av
 from aiortc import RTCPeerConnection
@@ -27,8 +30,10 @@ from engine.api import AudioChunk, FrameBlock
 from stream.config import StreamConfig
 from stream.errors import ApiError
 from stream.media.audio_in import AudioInput
-from stream.media.timeline import FrameStore, MediaClock, PlayoutAudio
+from stream.media.fanout import SessionMedia
+from stream.media.timeline import FrameStore, MediaClock, PlayoutAudio, PlayoutOverflow
 from stream.media.tracks import AvatarAudioTrack, AvatarVideoTrack
+from stream.media.utterances import CutEngine, SpeechSource
 from stream.webrtc import answer_offer, negotiated_video_codec, prefer_codecs, rtc_configuration
 
 log = logging.getLogger(__name__)
@@ -63,11 +68,21 @@ class Peer:
         await asyncio.shield(self.pc.close())
 
 
+class Socket(Protocol):
+    """A bot's WebSocket attached to the session (stream/ws/handler.py)."""
+
+    id: str
+
+    async def aclose(self, code: int, reason: str) -> None: ...
+
+
 @dataclass
 class SessionStats:
     blocks: int = 0
     silent_blocks: int = 0
     frames_sent: int = 0
+    mic_frames_refused: int = 0  # a microphone far ahead of real time (see PlayoutOverflow)
+    block_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=20))
 
 
 class Session:
@@ -76,7 +91,8 @@ class Session:
                  clock: MediaClock, cfg: StreamConfig, executor: Executor,
                  push_audio: Callable[[AudioChunk], None], close_engine: Callable[[], None],
                  on_closed: Callable[[Session], Awaitable[None]] | None = None,
-                 avatar: dict[str, Any] | None = None):
+                 avatar: dict[str, Any] | None = None,
+                 cut_audio: CutEngine | None = None):
         self.id = sid
         self.token = token  # scope "call": the speaker's page and the backend
         self.viewer_token = viewer_token  # scope "view": viewer, OBS and MPEG-TS links
@@ -90,10 +106,14 @@ class Session:
         self.last_activity = self.created
         # frames from the playout delay plus two blocks of slack; 10 s of playout audio
         self.frames = FrameStore(capacity=int((clock.delay + 1.0) * 25) + 24)
-        self.playout = PlayoutAudio(seconds=clock.delay + 10.0)
+        self.playout = PlayoutAudio(seconds=clock.delay + 10.0, clock=clock)
         self.audio_in = AudioInput(clock, push_audio, self.playout)
+        self.media = SessionMedia(clock, self.frames, self.playout, cfg.media, executor, sid)
+        self.speech: SpeechSource | None = None  # made when a bot's socket first connects
+        self._cut_audio = cut_audio
         self.peers: dict[str, Peer] = {}
         self.ts_readers: dict[str, asyncio.Task] = {}
+        self.sockets: dict[str, Socket] = {}
         self.stats = SessionStats()
         self.closed = asyncio.Event()
         self.close_reason = ""
@@ -111,6 +131,7 @@ class Session:
         self.frames.put(block)
         self.stats.blocks += 1
         self.stats.silent_blocks += int(block.silent_samples > 0)
+        self.stats.block_seconds.append(block.timings.total)
 
     def on_engine_error(self, exc: BaseException) -> None:
         self._spawn(self.aclose(f"engine failure: {exc}"), f"close-{self.id}")
@@ -125,7 +146,7 @@ class Session:
         return len(self.peers) + len(self.ts_readers) + self._pending_viewers
 
     def idle_for(self) -> float:
-        if self.viewer_count:
+        if self.viewer_count or self.sockets:
             return 0.0
         return time.monotonic() - self.last_activity
 
@@ -135,13 +156,57 @@ class Session:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    # 3. WebRTC peers -------------------------------------------------------------------------
+    # 3. a bot's socket: the session's audio source ---------------------------------------------
+
+    def speech_source(self) -> SpeechSource:
+        """The bot audio source (made on first use; it outlives any one socket)."""
+        if self.speech is None:
+            if self._cut_audio is None:
+                raise RuntimeError("this session was made without an engine cut (cut_audio)")
+            ws = self.cfg.websocket
+            self.speech = SpeechSource(self.clock, self.frames, self.audio_in, self.playout,
+                                       self._cut_audio, ws.max_queued_audio_s,
+                                       ws.release_ahead_s, name=f"speech-{self.id}")
+            self.speech.start()
+        return self.speech
+
+    def check_audio_source(self, kind: str) -> None:
+        """One audio source at a time: a bot's socket or a caller's microphone."""
+        if self.closed.is_set():
+            raise ApiError(410, "session_ended", f"session {self.id} has ended")
+        if kind == "socket" and any(p.kind == "caller" for p in self.peers.values()):
+            raise ApiError(409, "audio_source_busy", f"session {self.id} has a WebRTC caller "
+                           "whose microphone is its audio source; a bot's WebSocket cannot "
+                           "join it (watch it through WHEP, the OBS page or stream.ts instead)")
+        if kind == "caller" and self.sockets:
+            raise ApiError(409, "audio_source_busy", f"session {self.id} is driven by a bot's "
+                           "WebSocket; a call cannot join it (watch it through the viewer link "
+                           "or WHEP instead)")
+
+    async def attach_socket(self, socket: Socket) -> None:
+        """`socket` becomes the session's bot connection; a previous one is closed (a bot that
+        reconnects takes over; its queued audio carries on playing)."""
+        self.check_audio_source("socket")
+        for old in list(self.sockets.values()):
+            self.log.info("websocket %s replaced by %s", old.id, socket.id)
+            self.sockets.pop(old.id, None)
+            await old.aclose(4001, "replaced by a newer connection to this session")
+        self.sockets[socket.id] = socket
+        self.touch()
+
+    def detach_socket(self, socket: Socket) -> None:
+        if self.sockets.get(socket.id) is socket:
+            del self.sockets[socket.id]
+        self.touch()
+
+    # 4. WebRTC peers -------------------------------------------------------------------------
 
     async def add_peer(self, kind: str, offer_sdp: str) -> tuple[Peer, str]:
         """Answer a caller's offer (mic in, avatar out) or a WHEP viewer's (avatar out)."""
         if self.closed.is_set():
             raise ApiError(410, "session_ended", f"session {self.id} has ended")
         if kind == "caller":
+            self.check_audio_source("caller")
             async with self._caller_lock:
                 return await self._add_peer(kind, offer_sdp)
         if self.viewer_count >= self.cfg.sessions.max_viewers:
@@ -207,7 +272,12 @@ class Session:
             except MediaStreamError:
                 return
             if isinstance(frame, av.AudioFrame):
-                self.audio_in.push_frame(frame)
+                try:
+                    self.audio_in.push_frame(frame)
+                except PlayoutOverflow as exc:  # a sender far faster than real time
+                    self.stats.mic_frames_refused += 1
+                    if self.stats.mic_frames_refused == 1:
+                        self.log.warning("caller audio refused: %s", exc)
             self.touch()
 
     def _on_state(self, peer: Peer) -> None:
@@ -231,7 +301,7 @@ class Session:
         self.log.info("%s peer %s gone", peer.kind, pid)
         return True
 
-    # 4. shutdown -----------------------------------------------------------------------------
+    # 5. shutdown -----------------------------------------------------------------------------
 
     async def aclose(self, reason: str) -> None:
         """End the session. Idempotent; the teardown runs to the end even if the caller of
@@ -248,11 +318,16 @@ class Session:
         self._close_engine()
         for pid in list(self.peers):
             await self.remove_peer(pid)
+        for socket in list(self.sockets.values()):
+            await socket.aclose(1001, f"the session ended: {self.close_reason}"[:120])
         readers = list(self.ts_readers.values())
         for task in readers:
             task.cancel()
         if readers:  # the readers close their muxers on the way out
             await asyncio.wait(readers, timeout=5.0)
+        if self.speech is not None:
+            await self.speech.aclose()
+        await self.media.aclose()
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -268,7 +343,7 @@ class Session:
             "age_s": round(time.monotonic() - self.created, 1),
             "viewers": {"caller": sum(p.kind == "caller" for p in self.peers.values()),
                         "whep": sum(p.kind == "whep" for p in self.peers.values()),
-                        "mpegts": len(self.ts_readers)},
+                        "mpegts": len(self.ts_readers), "websocket": len(self.sockets)},
             "blocks": self.stats.blocks, "silent_blocks": self.stats.silent_blocks,
             "frames_sent": self.stats.frames_sent,
             "audio_in_seconds": round(self.audio_in.samples_in / 16000, 2),

@@ -94,7 +94,9 @@ class SessionManager:
                           self.executor,
                           push_audio=lambda chunk: self.runtime.push_audio(sid, chunk),
                           close_engine=lambda: self.runtime.close_session(sid),
-                          on_closed=self._forget, avatar=opened.info)
+                          on_closed=self._forget, avatar=opened.info,
+                          cut_audio=lambda start, end, on_cut: self.runtime.cut_audio(
+                              sid, start, end, on_cut))
         holder["s"] = session
         self.sessions[sid] = session
         self.metrics.inc("avatar_sessions_created_total")

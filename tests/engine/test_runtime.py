@@ -10,7 +10,7 @@ import pytest
 
 from engine.api import AudioChunk, BlockTimings, FrameBlock, SessionParams
 from engine.errors import CapacityExhausted
-from engine.preview import PreviewEngine
+from engine.preview import PreviewEngine, mouth_box
 from engine.runtime import EngineRuntime
 
 
@@ -126,3 +126,43 @@ async def test_open_errors_reach_the_caller() -> None:
 def test_frameblock_defaults() -> None:
     b = FrameBlock(0, 0, np.zeros((12, 8, 16, 3), np.uint8), BlockTimings())
     assert b.size == (16, 8) and b.fps == 25
+
+
+async def until(condition, seconds: float = 5.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    assert condition()
+
+
+async def test_cut_audio_silences_from_the_first_block_not_yet_started() -> None:
+    """An interrupt's cut: blocks already made keep their speech, later ones are silent, and
+    the runtime says exactly where the cut fell."""
+    from engine.preview import mouth_opening
+
+    runtime = EngineRuntime(PreviewEngine(), asyncio.get_running_loop(), max_sessions=2,
+                            max_ahead_s=10.0)
+    blocks, _, t0 = await open_one(runtime)
+    loud = (0.5 * np.sin(2 * np.pi * 220 * np.arange(5 * 7680) / 16000)).astype(np.float32)
+    runtime.push_audio("s", AudioChunk(loud[:2 * 7680], 0))  # blocks 0 and 1 are ready now
+    await until(lambda: len(blocks) >= 2)
+    runtime.push_audio("s", AudioChunk(loud[2 * 7680:], 2 * 7680))
+    cuts: list[int] = []
+    runtime.cut_audio("s", 100, 5 * 7680, cuts.append)  # asks for 100: blocks 0, 1 are made
+    await until(lambda: bool(cuts) and len(blocks) >= 5)
+    await runtime.aclose()
+    cut = cuts[0]
+    assert cut % 7680 == 0 and cut >= 2 * 7680, cut  # a block boundary no block had read
+    made = {b.index: b.frames for _, b in blocks}
+    h, w = made[0].shape[1:3]
+    x0, y0, x1, y1 = mouth_box(w, h)
+
+    def dark(frame: np.ndarray) -> float:
+        region = frame[y0:y1, x0:x1].astype(int)
+        return float(((region.sum(axis=2) < 150) & (region[:, :, 0] > region[:, :, 2])).mean())
+
+    assert mouth_opening(loud[:640]) > 0.9
+    # the preview draws the mouth from the audio each block read: speech before the cut only
+    speaking = [b for b in range(5) if min(dark(f) for f in made[b]) > 0.2]
+    idle = [b for b in range(5) if max(dark(f) for f in made[b]) < 0.2]  # a closed line
+    assert speaking == list(range(cut // 7680)) and idle == list(range(cut // 7680, 5))

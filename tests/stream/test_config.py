@@ -27,6 +27,8 @@ def test_shipped_config_is_valid() -> None:
     ("[sessions]\nidle = 3\n", "[sessions] has unknown key(s) ['idle']"),
     ("[nope]\n", "unknown section(s) ['nope']"),
     ("[engine]\ndtype = 'fp4'\n", "engine.dtype"),
+    ("[websocket]\nrelease_ahead_s = 9.0\n", "websocket.release_ahead_s=9.0 is out of range"),
+    ("[websocket]\nmax_message_bytes = 'big'\n", "websocket.max_message_bytes='big'"),
     ("not toml [", "not valid TOML"),
 ])
 def test_bad_config_is_named(tmp_path: Path, text: str, needle: str) -> None:

@@ -1,0 +1,3 @@
+"""The SDK's tests run against the real server (the stream tests' `running` fixture)."""
+
+from tests.stream.conftest import running  # noqa: F401
