@@ -54,12 +54,19 @@ class AudioChunk:
 
 @dataclass(frozen=True, slots=True)
 class BlockTimings:
-    """Seconds spent per stage of one block, measured by the engine."""
+    """Seconds spent per stage of one block, measured by the engine (device time on a GPU).
+
+    `features`: audio features and audio tokens; `denoise`: all steps (`steps`: each of them);
+    `decode`: the VAE; `postprocess`: frames to uint8 and onto the host; `total`: wall time from
+    the block's start to its frames on the host.
+    """
 
     features: float = 0.0
     denoise: float = 0.0
     decode: float = 0.0
     total: float = 0.0
+    steps: tuple[float, ...] = ()
+    postprocess: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +139,9 @@ __all__ = ["CapacityExhausted", "ConfigError", "EngineConfig", "EngineError", "I
 
 
 def create_engine(config: EngineConfig, progress: ProgressFn | None = None) -> Engine:
-    """The engine `config` asks for. Imports torch only when a checkpoint is configured."""
-    if config.checkpoint:
+    """The engine `config` asks for. Imports torch only for the Wan engine (a checkpoint, or
+    random weights)."""
+    if config.checkpoint or config.random_weights:
         from engine.wan_engine import WanEngine
 
         return WanEngine.load(config, progress)

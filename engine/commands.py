@@ -28,14 +28,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-keys", type=int, default=12, help="keys listed per problem kind")
     p.set_defaults(func=check_checkpoint)
 
-    p = sub.add_parser("bench", help="per-stage timings with random weights (14B shapes on a GPU)")
+    p = sub.add_parser("bench", help="whole blocks through the real engine with random weights "
+                                     "(14B shapes on a GPU), optionally against the plain path")
+    add_bench_arguments(p)
+    p.set_defaults(func=bench)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU")
     p.add_argument("--size", default="704*384", help="generation area budget (default 704*384)")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--blocks", type=int, default=8, help="blocks to run (half are warm-up)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.set_defaults(func=bench)
+    p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
+    p.add_argument("--blocks", type=int, default=8,
+                   help="steady-state blocks measured after the warm-up (default 8)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also run the plain path first and print ratios to it")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--config", default=None,
+                   help="config.toml whose [engine] speed switches to start from")
 
 
 def make_tiny_checkpoint(args: argparse.Namespace) -> int:

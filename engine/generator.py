@@ -40,6 +40,7 @@ from engine.models.dit import AudioTokens, SinkKV, TextKV, WanS2VDiT
 from engine.models.vae import CausalCache
 from engine.sampling import FlowSchedule
 from engine.sizing import generation_size, parse_area
+from engine.timing import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +156,16 @@ class StreamGenerator:
         self.height, self.width = generation_size(h_img, w_img, parse_area(params.size))
         self.latent_hw = (self.height // stride, self.width // stride)
         self.block = 0
+        clock = StageClock(self.device)
+        clock.mark("start")
         with torch.inference_mode():
-            self.cond, self.ref_latent = self._condition(params)
+            self.cond, self.ref_latent = self._condition(params, clock)
             self.decode_cache = CausalCache()
             warm = self.cond.motion[:, :, : self.cfg.warmup_latents]
             if warm.shape[2]:
                 vae.decode(warm.to(models.dtype), self.decode_cache)
+            clock.mark("vae_warmup")
+        self.setup_seconds = clock.seconds()  # per set-up stage (waits for the device)
         hh, ww = self.latent_hw
         tokens_per_frame = (hh // 2) * (ww // 2)
         self.stages = [
@@ -176,16 +181,21 @@ class StreamGenerator:
 
     # set-up ---------------------------------------------------------------------------------
 
-    def _condition(self, params: SessionParams) -> tuple[Conditioning, torch.Tensor]:
+    def _condition(self, params: SessionParams, clock: StageClock
+                   ) -> tuple[Conditioning, torch.Tensor]:
         m = self.models
         assert params.image is not None
         ref_px = prepare_reference(params.image, self.height, self.width).to(m.device, m.dtype)
         ref_latent = m.vae.encode(ref_px).float()  # [1, 16, 1, h, w]
+        clock.mark("reference")
         clip = ref_px.expand(-1, -1, m.dit.cfg.motion_video_frames, -1, -1)
         motion = m.vae.encode(clip).float()  # a static past: [1, 16, 19, h, w]
-        context = m.text.encode([params.prompt])[0][None]
+        clock.mark("motion")
+        context = m.text.encode([params.prompt])[0][None].to(m.device)
         text = m.dit.text_kv(context)
+        clock.mark("text")
         sink = self._prefill(ref_latent, motion, text)
+        clock.mark("prefill")
         return Conditioning(text, sink, motion), ref_latent
 
     def _prefill(self, ref: torch.Tensor, motion: torch.Tensor, text: TextKV) -> SinkKV:
@@ -219,15 +229,14 @@ class StreamGenerator:
                 raise RuntimeError(f"audio for frames {first}..{last} has not arrived; pass "
                                    "pad_silence=True once the block's deadline has passed")
             silent = self.audio.pad_silence(last)
-        sync = self.device.type == "cuda"
         t0 = time.perf_counter()
+        clock = StageClock(self.device)
+        clock.mark("start")
         with torch.inference_mode():
             m, b = self.models, self.block
             feats = self.audio.features(first, FRAMES_PER_BLOCK)
             audio = m.dit.encode_audio(feats)
-            if sync:
-                torch.cuda.synchronize()
-            t1 = time.perf_counter()
+            clock.mark("features")
             if b == self.cfg.sink_refresh_block and self._first_latent is not None:
                 self.cond.sink = self._prefill(self._first_latent, self.cond.motion,
                                                self.cond.text)
@@ -243,19 +252,22 @@ class StreamGenerator:
                 if self.step_observer is not None:
                     self.step_observer(b, stage.step, x, v, block)
                 x = stage.update(x, v)
+                clock.mark(f"step{stage.step}")
             if b == 0:
                 self._first_latent = x[:, :, :1].clone()
-            if sync:
-                torch.cuda.synchronize()
-            t2 = time.perf_counter()
             pixels = m.vae.decode(x.to(m.dtype), self.decode_cache)
+            clock.mark("decode")
             frames = to_uint8_frames(pixels)
+            clock.mark("postprocess")
         t3 = time.perf_counter()
         if frames.shape[0] != FRAMES_PER_BLOCK:
             raise AssertionError(f"decoded {frames.shape[0]} frames, expected {FRAMES_PER_BLOCK}")
         self.block += 1
-        return FrameBlock(b, first, frames, BlockTimings(t1 - t0, t2 - t1, t3 - t2, t3 - t0),
-                          silent)
+        sec = clock.seconds()
+        steps = tuple(sec[f"step{i}"] for i in range(self.schedule.steps))
+        return FrameBlock(b, first, frames, BlockTimings(
+            features=sec["features"], denoise=sum(steps), decode=sec["decode"], total=t3 - t0,
+            steps=steps, postprocess=sec["postprocess"]), silent)
 
     def seek(self, block: int) -> None:
         """Continue at `block` (the engine skips ahead when it falls behind real time). The
@@ -263,6 +275,10 @@ class StreamGenerator:
         if block < self.block:
             raise ValueError(f"cannot seek back from block {self.block} to {block}")
         self.block = block
+
+    @property
+    def sink_tokens(self) -> int:
+        return int(self.cond.sink.keys[0].shape[1])
 
     def state_nbytes(self) -> int:
         """Bytes of per-session state that could grow: rings, VAE cache, audio buffer."""

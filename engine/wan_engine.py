@@ -9,7 +9,12 @@ import numpy as np
 
 from engine.api import AudioChunk, FrameBlock, ProgressFn, SessionParams
 from engine.audio_features import AudioFeatureConfig
-from engine.checkpoint.loader import EngineModels, load_models, resolve_device
+from engine.checkpoint.loader import (
+    EngineModels,
+    load_models,
+    resolve_device,
+    resolve_text_device,
+)
 from engine.config import EngineConfig
 from engine.generator import StreamConfig, StreamGenerator
 from engine.preview import draw_default_face
@@ -51,8 +56,16 @@ class WanEngine:
         self.config = config
         self.stream_config = StreamConfig(audio=AudioFeatureConfig(
             left_context_s=config.audio_left_context_s, lookahead_s=config.audio_lookahead_s))
-        self.description = (f"Wan2.2-S2V-14B + Live-Avatar ({config.checkpoint}) on "
-                            f"{models.device}, {str(models.dtype).removeprefix('torch.')}")
+        self.random_weights = models.random_weights
+        where = f"{models.device}, {str(models.dtype).removeprefix('torch.')}"
+        if models.random_weights:
+            self.description = (f"RANDOM WEIGHTS: Wan2.2-S2V-14B engine at "
+                                f"{'14B' if models.dit.cfg.num_layers == 40 else 'tiny'} shapes "
+                                f"with random weights (no checkpoint: the video is noise) on "
+                                f"{where}")
+        else:
+            self.description = (f"Wan2.2-S2V-14B + Live-Avatar ({config.checkpoint}) on "
+                                f"{where}")
         # the last frame's interpolation neighbour needs up to 5 ms more than the look-ahead
         self.lookahead_s = config.audio_lookahead_s + 0.005
         self.max_sessions = config.max_sessions or 1
@@ -60,8 +73,16 @@ class WanEngine:
     @classmethod
     def load(cls, config: EngineConfig, progress: ProgressFn | None = None) -> WanEngine:
         device, dtype = resolve_device(config.device, config.dtype)
-        models = load_models(config.checkpoint, device, dtype, lora=config.lora or None,
-                             lora_alpha=config.lora_alpha, progress=progress)
+        text_device = resolve_text_device(config.text_device, device)
+        if config.random_weights:
+            from engine.random_weights import build_random_models, model_shapes
+
+            models = build_random_models(model_shapes(config.random_shapes, device), device,
+                                         dtype, text_device=text_device, progress=progress)
+        else:
+            models = load_models(config.checkpoint, device, dtype, lora=config.lora or None,
+                                 lora_alpha=config.lora_alpha, text_device=text_device,
+                                 progress=progress)
         return cls(models, config)
 
     def open_session(self, params: SessionParams) -> WanSession:
