@@ -187,7 +187,7 @@ def measure(engine: WanEngine, opts: BenchOptions, label: str, switches: dict[st
     timings = [run.block().timings for _ in range(opts.blocks)]
     wall = time.perf_counter() - start
     gen = run.session.generator
-    tokens_per_frame = gen.stages[0].ring.tokens_per_frame if gen.stages else 0
+    tokens_per_frame = gen.stages[0].kv.tokens_per_frame if gen.stages else 0
     kv_tokens = engine.stream_config.ring_frames * tokens_per_frame + gen.sink_tokens
     run.session.close()
 

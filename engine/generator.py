@@ -7,9 +7,11 @@ is prefilled at t=0; the streaming VAE decoder is warmed up on the first 7 motio
 
 Per block b (video frames [12b, 12b+12) = latent frames [3b, 3b+3)):
 1. wav2vec2 features of exactly those frames (streaming window) -> the DiT's audio tokens;
-2. noise from (seed, b); then `steps` Euler steps, step i being a `DenoiseStage` that owns its KV
-   ring (timestep forcing: filled from its own noisy input) and attends to [ring, sink] with the
-   reference keys re-rotated 4-30 latent frames ahead of the block (the rolling sink);
+2. noise from (seed, b); RoPE angles of the block's tokens and of each step's rolling-sink
+   reference, on the device, once; then `steps` Euler steps, step i being a `DenoiseStage` that
+   owns one K/V buffer [sink | ring] (`engine.kv_cache`; timestep forcing: the ring is filled
+   from the step's own noisy input) with the reference keys re-rotated 4-30 latent frames ahead
+   of the block (the rolling sink) once per step, for all layers;
 3. at block `sink_refresh_block` the sink is re-prefilled with the first generated latent frame
    as the new reference (Live-Avatar's refresh after its first 48-frame clip);
 4. the 3 clean latents are decoded with the causal cache carried over -> 12 uint8 RGB frames.
@@ -35,12 +37,14 @@ from engine.audio_features import AudioFeatureConfig, StreamingAudioFeatures
 from engine.checkpoint.loader import EngineModels
 from engine.errors import InputError
 from engine.image import prepare_reference
-from engine.kv_cache import KVRing, RingAttention
+from engine.kv_cache import StepAttention, StepKV
 from engine.models.dit import AudioTokens, SinkKV, TextKV, WanS2VDiT
+from engine.models.rope import RopeAngles
 from engine.models.vae import CausalCache
 from engine.sampling import FlowSchedule
 from engine.sizing import generation_size, parse_area
 from engine.timing import StageClock
+from engine.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -85,43 +89,48 @@ class Conditioning:
     motion: torch.Tensor  # [1, 16, 19, h, w]
 
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), float32 [tokens, head_dim / 2]
+
+
 @dataclass(frozen=True)
 class BlockInput:
-    """What every step of block `index` needs besides the latents."""
+    """What every step of block `index` needs besides the latents (computed once per block, on
+    the device, and shared read-only by all its steps and layers)."""
 
     index: int
     frame0: int  # first latent frame of the block
     audio: AudioTokens
     ref_ahead: tuple[int, ...]  # per step
+    rope: Rope  # the block's tokens at their absolute positions
+    ref_rope: tuple[Rope, ...]  # per step: the reference tokens on the rolling sink
 
 
 class DenoiseStage:
-    """Denoising step `step` of every block of one session, with its own KV ring."""
+    """Denoising step `step` of every block of one session, with its own K/V (sink + ring)."""
 
-    def __init__(self, dit: WanS2VDiT, schedule: FlowSchedule, step: int, ring: KVRing,
+    def __init__(self, dit: WanS2VDiT, schedule: FlowSchedule, step: int, kv: StepKV,
                  cond: Conditioning):
         self.dit = dit
         self.schedule = schedule
         self.step = step
-        self.ring = ring
+        self.kv = kv
         self.cond = cond
 
     def update(self, latents: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
         """The Euler step: latents at sigma_step -> latents at sigma_step+1 (float32)."""
         return latents.float() + self.schedule.delta(self.step) * velocity
 
+    def set_sink(self, sink: SinkKV, motion_rope: Rope) -> None:
+        self.kv.set_sink(sink, motion_rope)
+
     def velocity(self, latents: torch.Tensor, block: BlockInput) -> torch.Tensor:
         """The model's flow prediction for this step; writes the block into this step's ring."""
-        dit, cfg = self.dit, self.dit.cfg
-        _, _, f, hh, ww = latents.shape
-        sink = self.cond.sink
-        ref_t = max(cfg.ref_time, block.frame0 + block.ref_ahead[self.step])
-        attn = RingAttention(self.ring, sink, cfg.rope_bands,
-                             dit.noisy_positions(block.frame0, f, hh, ww),
-                             sink.positions_with_ref_at(ref_t), f)
+        f = latents.shape[2]
+        self.kv.rotate_reference(self.cond.sink, block.ref_rope[self.step])
+        attn = StepAttention(self.kv, block.rope, f)
         t = torch.full((1,), self.schedule.timestep(self.step), device=latents.device)
-        velocity = dit.denoise(latents, t, block.audio, self.cond.text, attn)
-        self.ring.advance(f)
+        velocity = self.dit.denoise(latents, t, block.audio, self.cond.text, attn)
+        self.kv.advance(f)
         return velocity
 
 
@@ -156,6 +165,7 @@ class StreamGenerator:
         self.height, self.width = generation_size(h_img, w_img, parse_area(params.size))
         self.latent_hw = (self.height // stride, self.width // stride)
         self.block = 0
+        self.rope = RopeAngles(dit.cfg.rope_bands, self.device)
         clock = StageClock(self.device)
         clock.mark("start")
         with torch.inference_mode():
@@ -168,12 +178,17 @@ class StreamGenerator:
         self.setup_seconds = clock.seconds()  # per set-up stage (waits for the device)
         hh, ww = self.latent_hw
         tokens_per_frame = (hh // 2) * (ww // 2)
-        self.stages = [
-            DenoiseStage(dit, self.schedule, i,
-                         KVRing(dit.cfg.num_layers, 1, self.cfg.ring_frames, tokens_per_frame,
-                                dit.cfg.num_heads, dit.cfg.head_dim, models.dtype, self.device),
-                         self.cond)
-            for i in range(self.schedule.steps)]
+        sink = self.cond.sink
+        self.motion_rope = self.rope.of(to_device(sink.positions[sink.ref_tokens:], self.device))
+        self.stages = []
+        for i in range(self.schedule.steps):
+            kv = StepKV(dit.cfg.num_layers, 1, self.sink_tokens, sink.ref_tokens,
+                        self.cfg.ring_frames, tokens_per_frame, dit.cfg.num_heads,
+                        dit.cfg.head_dim, models.dtype, self.device)
+            stage = DenoiseStage(dit, self.schedule, i, kv, self.cond)
+            with torch.inference_mode():
+                stage.set_sink(sink, self.motion_rope)
+            self.stages.append(stage)
         self.audio = StreamingAudioFeatures(models.wav2vec, self.cfg.audio, self.device)
         self._first_latent: torch.Tensor | None = None
         log.info("session generator ready: %dx%d, %d steps, ring %d frames", self.width,
@@ -240,13 +255,12 @@ class StreamGenerator:
             if b == self.cfg.sink_refresh_block and self._first_latent is not None:
                 self.cond.sink = self._prefill(self._first_latent, self.cond.motion,
                                                self.cond.text)
+                for stage in self.stages:
+                    stage.set_sink(self.cond.sink, self.motion_rope)
+            block = self._block_input(b, audio)
             f = self.cfg.block_frames
-            frame0 = b * f
-            pinned = self.params.ref_ahead
-            block = BlockInput(b, frame0, audio, tuple(
-                pinned if pinned is not None else ref_ahead(self.params.seed, b, i)
-                for i in range(self.schedule.steps)))
-            x = block_noise(self.params.seed, b, (1, 16, f, *self.latent_hw)).to(self.device)
+            noise = block_noise(self.params.seed, b, (1, 16, f, *self.latent_hw))
+            x = to_device(noise, self.device)
             for stage in self.stages:
                 v = stage.velocity(x, block)
                 if self.step_observer is not None:
@@ -269,6 +283,18 @@ class StreamGenerator:
             features=sec["features"], denoise=sum(steps), decode=sec["decode"], total=t3 - t0,
             steps=steps, postprocess=sec["postprocess"]), silent)
 
+    def _block_input(self, b: int, audio: AudioTokens) -> BlockInput:
+        """Block b's shared inputs; RoPE angles on the device, once for all steps and layers."""
+        cfg = self.models.dit.cfg
+        f = self.cfg.block_frames
+        frame0 = b * f
+        h2, w2 = self.latent_hw[0] // 2, self.latent_hw[1] // 2
+        pinned = self.params.ref_ahead
+        ahead = tuple(pinned if pinned is not None else ref_ahead(self.params.seed, b, i)
+                      for i in range(self.schedule.steps))
+        ref_rope = tuple(self.rope.grid(max(cfg.ref_time, frame0 + d), 1, h2, w2) for d in ahead)
+        return BlockInput(b, frame0, audio, ahead, self.rope.grid(frame0, f, h2, w2), ref_rope)
+
     def seek(self, block: int) -> None:
         """Continue at `block` (the engine skips ahead when it falls behind real time). The
         rings keep their older keys, at their true positions."""
@@ -282,5 +308,5 @@ class StreamGenerator:
 
     def state_nbytes(self) -> int:
         """Bytes of per-session state that could grow: rings, VAE cache, audio buffer."""
-        rings = sum(s.ring.nbytes for s in self.stages)
+        rings = sum(s.kv.nbytes for s in self.stages)
         return rings + self.decode_cache.nbytes() + self.audio.buffer.nbytes

@@ -111,16 +111,21 @@ class AudioTokens:
 
 @dataclass
 class SinkKV:
-    """Un-roped K/V of the sink (reference + motion tokens) per layer, and their layout.
+    """Un-roped K/V of the sink (reference + motion tokens) of every layer, and their layout.
 
-    keys/values: per layer [B, Ls, Hn, Dh]. The first `ref_tokens` tokens are the reference
-    image; `positions` [Ls, 3] are the RoPE positions used at prefill (ref at `ref_time`).
+    keys/values: [layers, B, Ls, Hn, Dh] (`keys[i]` is layer i). The first `ref_tokens` tokens
+    are the reference image; `positions` [Ls, 3] are the RoPE positions used at prefill (ref at
+    `ref_time`). Read-only once made: sessions and caches may share one.
     """
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    keys: torch.Tensor
+    values: torch.Tensor
     ref_tokens: int
     positions: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
 
     def positions_with_ref_at(self, ref_t: int) -> np.ndarray:
         pos = self.positions.copy()
@@ -143,16 +148,21 @@ class SelfAttention(Protocol):
 
 
 class SinkPrefill:
-    """Self-attention of the sink pass: sink tokens attend only to each other; records K/V."""
+    """Self-attention of the sink pass: sink tokens attend only to each other; records K/V
+    into [layers, ...] buffers allocated at the first layer (no per-layer list to stack)."""
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, layers: int):
         self.cos, self.sin = cos, sin
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.layers = layers
+        self.keys = torch.empty(0)
+        self.values = torch.empty(0)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.keys.append(k)
-        self.values.append(v)
+        if layer == 0:
+            self.keys = k.new_empty(self.layers, *k.shape)
+            self.values = v.new_empty(self.layers, *v.shape)
+        self.keys[layer] = k
+        self.values[layer] = v
         return attend(apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin), v)
 
 
@@ -338,7 +348,7 @@ class WanS2VDiT(nn.Module):
         b = tokens.shape[0]
         _, e0 = self.time_embedding_of(torch.zeros(b, 1, device=tokens.device))
         cos, sin = rope_cos_sin(positions, self.cfg.rope_bands, tokens.device)
-        attn = SinkPrefill(cos, sin)
+        attn = SinkPrefill(cos, sin, len(self.blocks))
         x = tokens[:, None]  # [B, 1, Ls, D]: one modulation group
         for i, block in enumerate(self.blocks):
             x = block(x, e0, i, attn, text.keys[i], text.values[i])
