@@ -20,24 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.dit import WanS2VDiT
+from engine.models.fp8 import FP8Linear, quantize
 from engine.timing import StageClock
-
-Linear = Callable[[torch.Tensor, Any], torch.Tensor]  # (x, an nn.Linear) -> x @ W.T
-
-
-def _plain(x: torch.Tensor, layer: Any) -> torch.Tensor:
-    return F.linear(x, layer.weight)
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v)
 
 
 def bare_step(dit: WanS2VDiT, tokens_per_frame: int, frames: int, kv_tokens: int,
-              audio_tokens: int, linear: Linear = _plain) -> Callable[[], torch.Tensor]:
+              audio_tokens: int) -> Callable[[], torch.Tensor]:
     """A closure running the bare kernels of one step once (inputs preallocated).
 
-    `linear(x, module)` is the GEMM of one projection (the plain one, or FP8's).
+    With FP8 linears (`engine.models.fp8`) the GEMMs are `torch._scaled_mm` on pre-quantised
+    inputs: quantising activations is glue, not part of the floor.
     """
     cfg = dit.cfg
     device, dtype = dit.device, dit.dtype
@@ -48,32 +40,41 @@ def bare_step(dit: WanS2VDiT, tokens_per_frame: int, frames: int, kv_tokens: int
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
-    x = rand(n, cfg.dim)
+    x_dim, x_ffn = rand(n, cfg.dim), rand(n, cfg.ffn_dim)
     k_self, v_self = rand(1, heads, kv_tokens, hd), rand(1, heads, kv_tokens, hd)
     k_text, v_text = rand(1, heads, cfg.text_len, hd), rand(1, heads, cfg.text_len, hd)
     k_audio, v_audio = rand(frames, heads, audio_tokens, hd), rand(frames, heads, audio_tokens, hd)
+    q_self = rand(1, heads, n, hd)
+    q_audio = rand(frames, heads, n // frames, hd)
     inj: Any = dit.audio_injector
     blocks: list[Any] = list(dit.blocks)
+    fp8 = [m for m in dit.modules() if isinstance(m, FP8Linear)]
+    scaling: str | None = fp8[0].scaling if fp8 else None
+    quantised = {id(x): quantize(x, scaling) for x in (x_dim, x_ffn)} if scaling else {}
 
-    def heads_of(t: torch.Tensor, batch: int = 1) -> torch.Tensor:
-        return t.view(batch, -1, heads, hd).transpose(1, 2)
+    def gemm(x: torch.Tensor, layer: Any) -> torch.Tensor:
+        if isinstance(layer, FP8Linear):
+            q, scale = quantised[id(x)]
+            return torch._scaled_mm(q, layer.weight.t(), scale_a=scale,
+                                    scale_b=layer.weight_scale, out_dtype=dtype,
+                                    use_fast_accum=True)
+        return F.linear(x, layer.weight)
 
     def run() -> torch.Tensor:
-        out = x
+        out = x_dim
         for i, block in enumerate(blocks):
             sa, ca = block.self_attn, block.cross_attn
-            q = linear(x, sa.q)
-            linear(x, sa.k)
-            linear(x, sa.v)
-            o = _attend(heads_of(q), k_self, v_self)
-            out = linear(o.transpose(1, 2).reshape(n, cfg.dim), sa.o)
-            o = _attend(heads_of(linear(x, ca.q)), k_text, v_text)
-            out = linear(o.transpose(1, 2).reshape(n, cfg.dim), ca.o)
-            out = linear(linear(x, block.ffn[0]), block.ffn[2])
+            for proj in (sa.q, sa.k, sa.v, sa.o, ca.q, ca.o):
+                out = gemm(x_dim, proj)
+            out = gemm(x_ffn, block.ffn[2])
+            out = gemm(x_dim, block.ffn[0])
+            F.scaled_dot_product_attention(q_self, k_self, v_self)
+            F.scaled_dot_product_attention(q_self, k_text, v_text)
             if i in dit.injector_of:
                 attn = inj.injector[dit.injector_of[i]]
-                o = _attend(heads_of(linear(x, attn.q), frames), k_audio, v_audio)
-                out = linear(o.transpose(1, 2).reshape(n, cfg.dim), attn.o)
+                out = gemm(x_dim, attn.q)
+                out = gemm(x_dim, attn.o)
+                F.scaled_dot_product_attention(q_audio, k_audio, v_audio)
         return out
 
     return run

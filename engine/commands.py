@@ -46,6 +46,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--config", default=None,
                    help="config.toml whose [engine] speed switches to start from")
+    speed = p.add_argument_group("speed switches (default: the config's, else config.toml's "
+                                 "defaults)")
+    speed.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                       help="FP8 (e4m3) DiT linears")
+    speed.add_argument("--fp8-scaling", choices=("tensor", "row"), default=None)
 
 
 def make_tiny_checkpoint(args: argparse.Namespace) -> int:

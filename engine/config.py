@@ -13,6 +13,7 @@ from engine.errors import ConfigError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 RANDOM_SHAPES = ("auto", "14B", "tiny")
+FP8_SCALINGS = ("tensor", "row")
 
 
 def _check_keys(section: str, raw: dict[str, Any], allowed: set[str]) -> None:
@@ -79,10 +80,13 @@ class EngineConfig:
     audio_left_context_s: float = 4.0  # wav2vec2 window before each block
     audio_lookahead_s: float = 0.16  # and after it (adds this much latency)
     max_sessions: int = 0  # 0: the engine's default (preview 8, wan 1 per process)
+    # speed paths (engine.speed)
+    fp8: bool = False  # e4m3 DiT linears through torch._scaled_mm
+    fp8_scaling: str = "tensor"  # tensor | row (per output channel and per token)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     # the speed paths, and their values on the plain path (`avatar bench --baseline`)
-    PLAIN: ClassVar[dict[str, Any]] = {}
+    PLAIN: ClassVar[dict[str, Any]] = {"fp8": False}
 
     @classmethod
     def speed_keys(cls) -> tuple[str, ...]:
@@ -116,6 +120,7 @@ class EngineConfig:
         _in_range(f"{sec}.lora_alpha", self.lora_alpha, 1e-6, 1e6)
         _one_of(f"{sec}.dtype", self.dtype, DTYPES)
         _one_of(f"{sec}.random_shapes", self.random_shapes, RANDOM_SHAPES)
+        _one_of(f"{sec}.fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
         for key in ("device", "text_device"):
             value = getattr(self, key)
             if not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):

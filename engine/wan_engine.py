@@ -18,6 +18,7 @@ from engine.checkpoint.loader import (
 from engine.config import EngineConfig
 from engine.generator import StreamConfig, StreamGenerator
 from engine.preview import draw_default_face
+from engine.speed.prepare import prepare_models
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class WanEngine:
     name = "wan"
 
     def __init__(self, models: EngineModels, config: EngineConfig):
+        prepare_models(models, config)
         self.models = models
         self.config = config
         self.stream_config = StreamConfig(audio=AudioFeatureConfig(

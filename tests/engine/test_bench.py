@@ -21,7 +21,7 @@ RUN_KEYS = {
 
 def test_bench_json_with_baseline_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--tiny", "--size", "64*64", "--steps", "2", "--blocks", "2",
-                 "--baseline", "--json"]) == 0
+                 "--baseline", "--fp8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["shapes"] == "tiny" and out["size"] == "64x64" and out["steps"] == 2
     runs = out["runs"]
@@ -33,9 +33,11 @@ def test_bench_json_with_baseline_on_cpu(capsys: pytest.CaptureFixture[str]) -> 
         # 64x64 -> 8x8 latents -> 16 tokens a frame; ring of 12 frames + sink (16 + 16 + 4 + 4)
         assert run["tokens_per_block"] == 48 and run["kv_tokens"] == 12 * 16 + 40
         assert {"reference", "motion", "text", "prefill", "vae_warmup"} <= set(run["setup_ms"])
+    assert runs["baseline"]["switches"]["fp8"] is False and runs["configured"]["switches"]["fp8"]
     ratio = out["ratio_to_baseline"]
     assert ratio["kv_tokens"] == 1.0 and ratio["fps"] > 0
     assert out["bare_step_ms"] > 0 and out["step_over_bare"] > 0
+    assert out["bare_step_fp8_ms"] > 0 and out["step_over_bare_fp8"] > 0
 
 
 def test_bench_table_without_baseline(capsys: pytest.CaptureFixture[str]) -> None:
