@@ -76,6 +76,7 @@ class RunResult:
 
     label: str
     switches: dict[str, Any]
+    decisions: dict[str, str]  # what the engine chose at start-up (e.g. the attention backend)
     size: str
     tokens_per_block: int
     kv_tokens: int  # keys one step's queries attend to, ring full
@@ -205,6 +206,7 @@ def measure(engine: WanEngine, opts: BenchOptions, label: str, switches: dict[st
     peak_res = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
     return RunResult(
         label=label, switches=switches, size=f"{gw}x{gh}",
+        decisions={"attention_backend": engine.speed.attention.describe()},
         tokens_per_block=engine.stream_config.block_frames * tokens_per_frame,
         kv_tokens=kv_tokens, warmup_s=round(warmup, 3),
         audio_features_ms=_ms(features), dit_step_ms=[_ms(s) for s in steps],
@@ -327,7 +329,7 @@ def format_table(out: dict[str, Any]) -> str:
         head += f" {'baseline':>14s} {'ratio':>8s}"
     lines.append(head)
     for key, value in conf.items():
-        if key in ("label", "switches", "setup_ms"):
+        if key in ("label", "switches", "decisions", "setup_ms"):
             continue
         row = f"{key:24s} {str(value):>14s}"
         if base:
@@ -336,6 +338,7 @@ def format_table(out: dict[str, Any]) -> str:
         lines.append(row)
     lines.append(f"{'setup_ms':24s} {conf['setup_ms']}")
     lines.append(f"{'switches':24s} {conf['switches']}")
+    lines.append(f"{'decisions':24s} {conf['decisions']}")
     if base:
         lines.append(f"{'bare_step_ms':24s} {out['bare_step_ms']} (bf16; configured step / bare "
                      f"= {out['step_over_bare']}, baseline step / bare = "

@@ -51,6 +51,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
                        help="FP8 (e4m3) DiT linears")
     speed.add_argument("--fp8-scaling", choices=("tensor", "row"), default=None)
+    speed.add_argument("--attention-backend", default=None,
+                       choices=("auto", "default", "cudnn", "flash", "efficient", "math"),
+                       help="SDPA backend (auto: the fastest at these shapes, probed)")
 
 
 def make_tiny_checkpoint(args: argparse.Namespace) -> int:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, InputError
+from engine.sizing import parse_area
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 RANDOM_SHAPES = ("auto", "14B", "tiny")
 FP8_SCALINGS = ("tensor", "row")
+ATTENTION_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math")
 
 
 def _check_keys(section: str, raw: dict[str, Any], allowed: set[str]) -> None:
@@ -80,13 +82,15 @@ class EngineConfig:
     audio_left_context_s: float = 4.0  # wav2vec2 window before each block
     audio_lookahead_s: float = 0.16  # and after it (adds this much latency)
     max_sessions: int = 0  # 0: the engine's default (preview 8, wan 1 per process)
+    max_size: str = "704*384"  # the largest size budget sessions may use (plans for it)
     # speed paths (engine.speed)
     fp8: bool = False  # e4m3 DiT linears through torch._scaled_mm
     fp8_scaling: str = "tensor"  # tensor | row (per output channel and per token)
+    attention_backend: str = "auto"  # auto | default | cudnn | flash | efficient | math
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     # the speed paths, and their values on the plain path (`avatar bench --baseline`)
-    PLAIN: ClassVar[dict[str, Any]] = {"fp8": False}
+    PLAIN: ClassVar[dict[str, Any]] = {"fp8": False, "attention_backend": "default"}
 
     @classmethod
     def speed_keys(cls) -> tuple[str, ...]:
@@ -121,6 +125,11 @@ class EngineConfig:
         _one_of(f"{sec}.dtype", self.dtype, DTYPES)
         _one_of(f"{sec}.random_shapes", self.random_shapes, RANDOM_SHAPES)
         _one_of(f"{sec}.fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
+        _one_of(f"{sec}.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        try:
+            parse_area(self.max_size)
+        except InputError as exc:
+            raise ConfigError(f"{sec}.max_size={self.max_size!r}: {exc}") from None
         for key in ("device", "text_device"):
             value = getattr(self, key)
             if not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):

@@ -43,6 +43,7 @@ from engine.models.rope import RopeAngles
 from engine.models.vae import CausalCache
 from engine.sampling import FlowSchedule
 from engine.sizing import generation_size, parse_area
+from engine.speed.prepare import SpeedState
 from engine.timing import StageClock
 from engine.transfer import to_device
 
@@ -149,7 +150,7 @@ class StreamGenerator:
 
     def __init__(self, models: EngineModels, params: SessionParams, cfg: StreamConfig | None = None,
                  steps: int = 4, shift: float = 3.0,
-                 step_observer: StepObserver | None = None):
+                 step_observer: StepObserver | None = None, speed: SpeedState | None = None):
         if params.image is None:
             raise InputError("the Wan engine needs a reference image (an upload or an avatar "
                              "from config)")
@@ -158,6 +159,7 @@ class StreamGenerator:
         self.cfg = cfg or StreamConfig()
         self.schedule = FlowSchedule.make(params.steps or steps, shift)
         self.step_observer = step_observer
+        self.speed = speed or SpeedState()
         self.device = models.device
         dit, vae = models.dit, models.vae
         stride = vae.cfg.spatial_stride
@@ -168,7 +170,7 @@ class StreamGenerator:
         self.rope = RopeAngles(dit.cfg.rope_bands, self.device)
         clock = StageClock(self.device)
         clock.mark("start")
-        with torch.inference_mode():
+        with torch.inference_mode(), self.speed.attention.active():
             self.cond, self.ref_latent = self._condition(params, clock)
             self.decode_cache = CausalCache()
             warm = self.cond.motion[:, :, : self.cfg.warmup_latents]
@@ -247,7 +249,7 @@ class StreamGenerator:
         t0 = time.perf_counter()
         clock = StageClock(self.device)
         clock.mark("start")
-        with torch.inference_mode():
+        with torch.inference_mode(), self.speed.attention.active():
             m, b = self.models, self.block
             feats = self.audio.features(first, FRAMES_PER_BLOCK)
             audio = m.dit.encode_audio(feats)

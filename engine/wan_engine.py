@@ -53,11 +53,12 @@ class WanEngine:
     name = "wan"
 
     def __init__(self, models: EngineModels, config: EngineConfig):
-        prepare_models(models, config)
         self.models = models
         self.config = config
         self.stream_config = StreamConfig(audio=AudioFeatureConfig(
             left_context_s=config.audio_left_context_s, lookahead_s=config.audio_lookahead_s))
+        self.speed = prepare_models(models, config, self.stream_config.ring_frames,
+                                    self.stream_config.block_frames)
         self.random_weights = models.random_weights
         where = f"{models.device}, {str(models.dtype).removeprefix('torch.')}"
         if models.random_weights:
@@ -92,7 +93,7 @@ class WanEngine:
             params = dataclasses.replace(params, image=draw_default_face(704, 384))
         s = self.config.sampling
         gen = StreamGenerator(self.models, params, self.stream_config, steps=s.steps,
-                              shift=s.shift)
+                              shift=s.shift, speed=self.speed)
         return WanSession(gen)
 
     def close(self) -> None:
