@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -58,7 +58,8 @@ class BlockTimings:
 
     `features`: audio features and audio tokens; `denoise`: all steps (`steps`: each of them);
     `decode`: the VAE; `postprocess`: frames to uint8 and onto the host; `total`: wall time from
-    the block's start to its frames on the host.
+    the block's start to its frames on the host; `busy`: what it cost the engine's critical
+    path (features + denoise, plus the decode unless that overlapped the next block).
     """
 
     features: float = 0.0
@@ -67,6 +68,7 @@ class BlockTimings:
     total: float = 0.0
     steps: tuple[float, ...] = ()
     postprocess: float = 0.0
+    busy: float = 0.0  # seconds it held the engine's critical path (not an overlapped decode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,31 @@ class EngineSession(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class PendingBlock(Protocol):
+    """A block whose frames are on their way (`PipelinedSession.submit_block`)."""
+
+    @property
+    def index(self) -> int: ...
+
+    def done(self) -> bool:
+        """Are the frames ready? Never waits."""
+        ...
+
+    def result(self) -> FrameBlock:
+        """The block; waits for its frames if need be."""
+        ...
+
+
+@runtime_checkable
+class PipelinedSession(EngineSession, Protocol):
+    """A session that can start a block before the previous one's frames are out: the runtime
+    submits block b+1 while block b is decoded, and hands block b over as soon as it is done."""
+
+    def submit_block(self, pad_silence: bool = False) -> PendingBlock:
+        """Start the next block (same contract as `next_block`) and return at once."""
+        ...
 
 
 class Engine(Protocol):

@@ -54,6 +54,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--attention-backend", default=None,
                        choices=("auto", "default", "cudnn", "flash", "efficient", "math"),
                        help="SDPA backend (auto: the fastest at these shapes, probed)")
+    speed.add_argument("--vae-overlap", action=argparse.BooleanOptionalAction, default=None,
+                       help="VAE decode on a second CUDA stream beside the next block")
+    speed.add_argument("--vae-channels-last", action=argparse.BooleanOptionalAction,
+                       default=None, help="VAE convolutions channels-last (CUDA)")
 
 
 def make_tiny_checkpoint(args: argparse.Namespace) -> int:

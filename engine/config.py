@@ -87,10 +87,13 @@ class EngineConfig:
     fp8: bool = False  # e4m3 DiT linears through torch._scaled_mm
     fp8_scaling: str = "tensor"  # tensor | row (per output channel and per token)
     attention_backend: str = "auto"  # auto | default | cudnn | flash | efficient | math
+    vae_overlap: bool = True  # decode beside the next block (second CUDA stream / a thread)
+    vae_channels_last: bool = True  # VAE convolutions in NDHWC
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     # the speed paths, and their values on the plain path (`avatar bench --baseline`)
-    PLAIN: ClassVar[dict[str, Any]] = {"fp8": False, "attention_backend": "default"}
+    PLAIN: ClassVar[dict[str, Any]] = {"fp8": False, "attention_backend": "default",
+                                       "vae_overlap": False, "vae_channels_last": False}
 
     @classmethod
     def speed_keys(cls) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from engine.checkpoint.loader import (
     resolve_text_device,
 )
 from engine.config import EngineConfig
-from engine.generator import StreamConfig, StreamGenerator
+from engine.generator import PendingFrames, StreamConfig, StreamGenerator
 from engine.preview import draw_default_face
 from engine.speed.prepare import prepare_models
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class WanSession:
-    """An `engine.api.EngineSession` over a `StreamGenerator`."""
+    """An `engine.api.PipelinedSession` over a `StreamGenerator`."""
 
     def __init__(self, generator: StreamGenerator):
         self.generator = generator
@@ -41,6 +41,9 @@ class WanSession:
 
     def next_block(self, pad_silence: bool = False) -> FrameBlock:
         return self.generator.next_block(pad_silence)
+
+    def submit_block(self, pad_silence: bool = False) -> PendingFrames:
+        return self.generator.submit_block(pad_silence)
 
     def seek(self, block: int) -> None:
         self.generator.seek(block)
@@ -97,4 +100,4 @@ class WanEngine:
         return WanSession(gen)
 
     def close(self) -> None:
-        pass
+        self.speed.close()

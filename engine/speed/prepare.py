@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.checkpoint.loader import EngineModels
 from engine.config import EngineConfig
+from engine.decode import DecodeQueue, use_channels_last
 from engine.models.fp8 import is_quantized, quantize_linears
 from engine.sizing import parse_area
 from engine.speed import attention
@@ -16,10 +19,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SpeedState:
-    """What the speed paths decided for one engine; shared read-only by its sessions."""
+    """What the speed paths decided for one engine; shared by its sessions."""
 
+    decoder: DecodeQueue
     attention: attention.AttentionChoice = field(
         default_factory=lambda: attention.AttentionChoice("default"))
+    vae_channels_last: bool = False
+
+    @classmethod
+    def plain(cls, device: torch.device) -> SpeedState:
+        """No speed path: inline decode, SDPA's own backend."""
+        return cls(DecodeQueue("sync", device))
+
+    def close(self) -> None:
+        self.decoder.close()
 
 
 def step_shapes(models: EngineModels, size: str, ring_frames: int, block_frames: int
@@ -34,8 +47,8 @@ def step_shapes(models: EngineModels, size: str, ring_frames: int, block_frames:
 def prepare_models(models: EngineModels, config: EngineConfig, ring_frames: int = 12,
                    block_frames: int = 3) -> SpeedState:
     """Quantise the DiT's linears to FP8 when `config.fp8` (in place: the bf16 weights are
-    freed; a model already quantised stays so), and choose the attention backend for the
-    largest size sessions may use."""
+    freed; a model already quantised stays so), choose the attention backend for the largest
+    size sessions may use, lay the VAE out channels-last, and make the decode queue."""
     if config.fp8 and not is_quantized(models.dit):
         count = quantize_linears(models.dit, config.fp8_scaling)
         log.info("fp8: %d DiT linears quantised to e4m3 (%s scaling)", count, config.fp8_scaling)
@@ -43,4 +56,9 @@ def prepare_models(models: EngineModels, config: EngineConfig, ring_frames: int 
     q, kv = step_shapes(models, config.max_size, ring_frames, block_frames)
     choice = attention.choose(config.attention_backend, models.device, models.dtype,
                               cfg.num_heads, cfg.head_dim, q, kv)
-    return SpeedState(attention=choice)
+    channels_last = config.vae_channels_last and models.device.type == "cuda"
+    if channels_last:  # (on a CPU the VAE's oneDNN path is fastest as it is)
+        use_channels_last(models.vae)
+    decoder = DecodeQueue.for_device(models.device, config.vae_overlap)
+    log.info("vae decode: %s%s", decoder.mode, ", channels-last" if channels_last else "")
+    return SpeedState(decoder, choice, channels_last)

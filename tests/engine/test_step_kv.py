@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.generator import BlockInput
+from engine.denoise import BlockInput
 from engine.kv_cache import StepAttention, StepKV
 from engine.models.attention import attend
 from engine.models.rope import RopeAngles, apply_rope, rope_cos_sin
@@ -134,7 +134,7 @@ def test_sink_rope_is_applied_once_per_step_not_per_layer(setup, monkeypatch) ->
 
     monkeypatch.setattr(torch, "from_numpy", no_host)
     monkeypatch.setattr(np, "outer", no_host)
-    from engine.generator import DenoiseStage
+    from engine.denoise import DenoiseStage
     from engine.sampling import FlowSchedule
 
     stage = DenoiseStage(dit, FlowSchedule.make(1, 3.0), 0, kv, _Cond(text, sink))
