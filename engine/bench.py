@@ -95,6 +95,7 @@ class RunResult:
     realtime_factor: float  # block_ms / 480 ms (< 1: faster than real time)
     ttff_s: float  # warm, new image
     ttff_cached_s: float  # warm, the same image again
+    avatar_cache_hit: bool  # whether that second session came from the avatar cache
     sink_prefill_ms: float  # warm (the new-image session's)
     setup_ms: dict[str, float] = field(default_factory=dict)
     peak_allocated_gb: float = 0.0
@@ -157,9 +158,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _ttff(engine: WanEngine, params: SessionParams) -> tuple[float, dict[str, float]]:
+def _ttff(engine: WanEngine, params: SessionParams) -> tuple[float, dict[str, float], bool]:
     """Wall seconds from opening a session (audio already there) to its first frames on the
-    host, and the session's set-up breakdown."""
+    host, the session's set-up breakdown, and whether the avatar cache had it."""
     audio = bench_audio(2 * BLOCK_SECONDS + engine.lookahead_s + 1.0, params.seed)
     _sync(engine.models.device)
     start = time.perf_counter()
@@ -168,8 +169,9 @@ def _ttff(engine: WanEngine, params: SessionParams) -> tuple[float, dict[str, fl
     session.next_block()
     took = time.perf_counter() - start
     setup = dict(session.generator.setup_seconds)
+    hit = session.generator.avatar_cache_hit
     session.close()
-    return took, setup
+    return took, setup, hit
 
 
 def measure(engine: WanEngine, opts: BenchOptions, label: str, switches: dict[str, Any]
@@ -206,8 +208,8 @@ def measure(engine: WanEngine, opts: BenchOptions, label: str, switches: dict[st
 
     # 3. time to first frame: a new avatar, then the same one again
     fresh = dataclasses.replace(params, image=bench_image(gw, gh, 1), seed=opts.seed + 1)
-    ttff, setup = _ttff(engine, fresh)
-    ttff_cached, _ = _ttff(engine, fresh)
+    ttff, setup, _ = _ttff(engine, fresh)
+    ttff_cached, _, hit = _ttff(engine, fresh)
 
     steps = [_median([t.steps[i] for t in timings]) for i in range(len(timings[0].steps))]
     features = _median([t.features for t in timings])
@@ -228,7 +230,7 @@ def measure(engine: WanEngine, opts: BenchOptions, label: str, switches: dict[st
         block_ms=_ms(block_s), fps=round(FRAMES_PER_BLOCK / block_s, 2),
         dit_only_fps=round(FRAMES_PER_BLOCK / max(features + denoise, 1e-9), 2),
         realtime_factor=round(block_s / BLOCK_SECONDS, 3),
-        ttff_s=round(ttff, 3), ttff_cached_s=round(ttff_cached, 3),
+        ttff_s=round(ttff, 3), ttff_cached_s=round(ttff_cached, 3), avatar_cache_hit=hit,
         sink_prefill_ms=_ms(setup.get("prefill", 0.0)),
         setup_ms={k: _ms(v) for k, v in setup.items()},
         peak_allocated_gb=round(peak_alloc / GB, 2), peak_reserved_gb=round(peak_res / GB, 2),

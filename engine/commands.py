@@ -58,6 +58,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                        help="VAE decode on a second CUDA stream beside the next block")
     speed.add_argument("--vae-channels-last", action=argparse.BooleanOptionalAction,
                        default=None, help="VAE convolutions channels-last (CUDA)")
+    speed.add_argument("--avatar-cache-mb", type=int, default=None,
+                       help="per-avatar cache budget (0: off)")
 
 
 def make_tiny_checkpoint(args: argparse.Namespace) -> int:

@@ -89,11 +89,13 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | default | cudnn | flash | efficient | math
     vae_overlap: bool = True  # decode beside the next block (second CUDA stream / a thread)
     vae_channels_last: bool = True  # VAE convolutions in NDHWC
+    avatar_cache_mb: int = 4096  # per-avatar set-up results kept on the device; 0: off
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     # the speed paths, and their values on the plain path (`avatar bench --baseline`)
     PLAIN: ClassVar[dict[str, Any]] = {"fp8": False, "attention_backend": "default",
-                                       "vae_overlap": False, "vae_channels_last": False}
+                                       "vae_overlap": False, "vae_channels_last": False,
+                                       "avatar_cache_mb": 0}
 
     @classmethod
     def speed_keys(cls) -> tuple[str, ...]:
@@ -125,6 +127,7 @@ class EngineConfig:
         _in_range(f"{sec}.audio_lookahead_s", self.audio_lookahead_s, 0.0, 2.0)
         _in_range(f"{sec}.max_sessions", self.max_sessions, 0, 256)
         _in_range(f"{sec}.lora_alpha", self.lora_alpha, 1e-6, 1e6)
+        _in_range(f"{sec}.avatar_cache_mb", self.avatar_cache_mb, 0, 1 << 20)
         _one_of(f"{sec}.dtype", self.dtype, DTYPES)
         _one_of(f"{sec}.random_shapes", self.random_shapes, RANDOM_SHAPES)
         _one_of(f"{sec}.fp8_scaling", self.fp8_scaling, FP8_SCALINGS)

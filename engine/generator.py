@@ -4,7 +4,9 @@ Set-up (once per session): the reference image is cropped to the generation size
 the reference latent and (as a static 73-frame clip, 4 frames per encoder call) to 19 motion
 latents; the prompt is encoded once and its cross-attention K/V cached per layer; the sink
 (reference + FramePack motion tokens) is prefilled at t=0; the streaming VAE decoder is warmed
-up on the first 7 motion latents (on the decode queue, beside the prefill when overlapped).
+up on the first 7 motion latents (on the decode queue, beside the prefill when overlapped). All
+of that comes from the engine's avatar cache (`engine.avatar_cache`) when another session set
+up the same image, size and prompt.
 
 Per block b (video frames [12b, 12b+12) = latent frames [3b, 3b+3)):
 1. wav2vec2 features of exactly those frames (streaming window) -> the DiT's audio tokens;
@@ -36,8 +38,9 @@ import torch
 
 from engine.api import FRAMES_PER_BLOCK, BlockTimings, FrameBlock, SessionParams
 from engine.audio_features import AudioFeatureConfig, StreamingAudioFeatures
+from engine.avatar_cache import AvatarKey, AvatarState
 from engine.checkpoint.loader import EngineModels
-from engine.decode import PendingDecode, decode_block, frames_to_numpy
+from engine.decode import DecodedFrames, PendingDecode, decode_block, frames_to_numpy
 from engine.denoise import (
     BlockInput,
     Conditioning,
@@ -173,22 +176,48 @@ class StreamGenerator:
 
     def _condition(self, params: SessionParams, clock: StageClock
                    ) -> tuple[Conditioning, torch.Tensor]:
-        m = self.models
+        """Reference and motion latents, text K/V and the sink: from the avatar cache when
+        this image, size and prompt were set up before, else computed (and cached)."""
+        m, cache = self.models, self.speed.avatars
         assert params.image is not None
+        key = AvatarKey.of(params.image, self.height, self.width, params.prompt)
+        state = cache.get(key) if cache is not None else None
+        self.avatar_cache_hit = state is not None
+        if state is not None:
+            if state.decode_slots:  # the primed decoder too
+                self.decode_cache.slots.update(state.decode_slots)
+                self._warmup = None
+            else:
+                self._warmup = self._warm_decoder(state.motion, None)
+            for stage in ("reference", "motion", "warmup_queued", "text", "prefill"):
+                clock.mark(stage)
+            return Conditioning(state.text, state.sink, state.motion), state.ref_latent
         ref_px = to_device(prepare_reference(params.image, self.height, self.width), m.device,
                            m.dtype)
         ref_latent = m.vae.encode(ref_px).float()  # [1, 16, 1, h, w]
         clock.mark("reference")
         motion = self._encode_motion(ref_px)
         clock.mark("motion")
-        self._warmup = self._warm_decoder(motion)
+        slots: dict[str, torch.Tensor] = {}
+        self._warmup = self._warm_decoder(motion, slots if cache is not None else None)
         clock.mark("warmup_queued")  # the warm-up itself, unless it runs on the decode queue
-        context = m.text.encode([params.prompt])[0][None].to(m.device)
-        text = m.dit.text_kv(context)
+        text = m.dit.text_kv(self._context(params.prompt))
         clock.mark("text")
         sink = self._prefill(ref_latent, motion, text)
         clock.mark("prefill")
+        if cache is not None:
+            cache.put(key, AvatarState(ref_latent, motion, text, sink, slots))
         return Conditioning(text, sink, motion), ref_latent
+
+    def _context(self, prompt: str) -> torch.Tensor:
+        """umT5 states of the prompt [1, Lc, text_dim] on the DiT's device (cached per prompt)."""
+        cache = self.speed.avatars
+        context = cache.context(prompt) if cache is not None else None
+        if context is None:
+            context = self.models.text.encode([prompt])[0][None].to(self.models.device)
+            if cache is not None:
+                cache.put_context(prompt, context)
+        return context
 
     def _encode_motion(self, ref_px: torch.Tensor) -> torch.Tensor:
         """The reference as a static 73-frame clip -> 19 motion latents [1, 16, 19, h, w].
@@ -205,14 +234,24 @@ class StreamGenerator:
             chunks.append(vae.encode(ref_px.expand(-1, -1, n, -1, -1), cache))
         return torch.cat(chunks, dim=2).float()
 
-    def _warm_decoder(self, motion: torch.Tensor) -> PendingDecode | None:
+    def _warm_decoder(self, motion: torch.Tensor, keep: dict[str, torch.Tensor] | None
+                      ) -> PendingDecode | None:
         """Prime the causal decode cache on the first motion latents (frames discarded); on
-        the decode queue, so that when overlapped it runs beside the text encoding and prefill."""
+        the decode queue, so that when overlapped it runs beside the text encoding and prefill.
+        The primed slots are copied into `keep` by the job itself (for the avatar cache):
+        queued work on one stream or thread sees them in order."""
         warm = motion[:, :, : self.cfg.warmup_latents].to(self.models.dtype)
         if not warm.shape[2]:
             return None
         vae, cache, cl = self.models.vae, self.decode_cache, self.speed.vae_channels_last
-        return self.decoder.submit(lambda: decode_block(vae, warm, cache, cl), inputs=(warm,))
+
+        def job() -> DecodedFrames:
+            out = decode_block(vae, warm, cache, cl)
+            if keep is not None:
+                keep.update(cache.slots)
+            return out
+
+        return self.decoder.submit(job, inputs=(warm,))
 
     def _prefill(self, ref: torch.Tensor, motion: torch.Tensor, text: TextKV) -> SinkKV:
         tokens, positions, n_ref = self.models.dit.embed_sink(ref, motion)

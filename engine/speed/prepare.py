@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.avatar_cache import MB, AvatarCache
 from engine.checkpoint.loader import EngineModels
 from engine.config import EngineConfig
 from engine.decode import DecodeQueue, use_channels_last
@@ -25,6 +26,7 @@ class SpeedState:
     attention: attention.AttentionChoice = field(
         default_factory=lambda: attention.AttentionChoice("default"))
     vae_channels_last: bool = False
+    avatars: AvatarCache | None = None
 
     @classmethod
     def plain(cls, device: torch.device) -> SpeedState:
@@ -48,7 +50,8 @@ def prepare_models(models: EngineModels, config: EngineConfig, ring_frames: int 
                    block_frames: int = 3) -> SpeedState:
     """Quantise the DiT's linears to FP8 when `config.fp8` (in place: the bf16 weights are
     freed; a model already quantised stays so), choose the attention backend for the largest
-    size sessions may use, lay the VAE out channels-last, and make the decode queue."""
+    size sessions may use, lay the VAE out channels-last, and make the decode queue and the
+    avatar cache."""
     if config.fp8 and not is_quantized(models.dit):
         count = quantize_linears(models.dit, config.fp8_scaling)
         log.info("fp8: %d DiT linears quantised to e4m3 (%s scaling)", count, config.fp8_scaling)
@@ -61,4 +64,5 @@ def prepare_models(models: EngineModels, config: EngineConfig, ring_frames: int 
         use_channels_last(models.vae)
     decoder = DecodeQueue.for_device(models.device, config.vae_overlap)
     log.info("vae decode: %s%s", decoder.mode, ", channels-last" if channels_last else "")
-    return SpeedState(decoder, choice, channels_last)
+    avatars = AvatarCache(config.avatar_cache_mb * MB) if config.avatar_cache_mb else None
+    return SpeedState(decoder, choice, channels_last, avatars)

@@ -16,6 +16,7 @@ RUN_KEYS = {
     "postprocess_ms", "block_ms", "fps", "dit_only_fps", "realtime_factor", "ttff_s",
     "ttff_cached_s", "sink_prefill_ms", "setup_ms", "peak_allocated_gb", "peak_reserved_gb",
     "host_rss_gb", "host_rss_peak_gb", "warmup_s", "kv_tokens", "tokens_per_block", "switches",
+    "avatar_cache_hit", "decisions",
 }
 
 
@@ -33,6 +34,9 @@ def test_bench_json_with_baseline_on_cpu(capsys: pytest.CaptureFixture[str]) -> 
         # 64x64 -> 8x8 latents -> 16 tokens a frame; ring of 12 frames + sink (16 + 16 + 4 + 4)
         assert run["tokens_per_block"] == 48 and run["kv_tokens"] == 12 * 16 + 40
         assert {"reference", "motion", "text", "prefill", "vae_warmup"} <= set(run["setup_ms"])
+    # the plain path has no avatar cache; the configured one (default 4096 MB) hits it
+    assert runs["baseline"]["avatar_cache_hit"] is False
+    assert runs["configured"]["avatar_cache_hit"] is True
     assert runs["baseline"]["switches"]["fp8"] is False and runs["configured"]["switches"]["fp8"]
     ratio = out["ratio_to_baseline"]
     assert ratio["kv_tokens"] == 1.0 and ratio["fps"] > 0
