@@ -7,8 +7,8 @@ computes before its first block except its rings. All of it is read-only once ma
 copy the sink into their own buffers, and decoder slots are replaced, never written in place), so
 sessions share one entry without copying it. Entries live on the engine's device; the cache is
 bounded by bytes (`[engine] avatar_cache_mb`) and evicts the least recently used. umT5 outputs
-are cached per prompt beside it (a few kB each), so a new image with a known prompt skips the
-text encoder too.
+are cached per prompt apart from it (`PromptCache`, a few kB each, always on): a prompt is a
+pure function input, and umT5 may run on the CPU where it takes seconds.
 
 Keys: a BLAKE2 digest of the image's pixels and shape, the generation size and the prompt; one
 cache belongs to one engine, i.e. one model set, dtype and speed configuration.
@@ -65,13 +65,11 @@ class AvatarState:
 
 
 class AvatarCache:
-    """LRU of `AvatarState` by bytes, and of umT5 outputs by prompt. Thread-safe."""
+    """LRU of `AvatarState` by bytes. Thread-safe."""
 
-    def __init__(self, max_bytes: int, max_prompts: int = 64):
+    def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.max_prompts = max_prompts
         self._avatars: OrderedDict[AvatarKey, AvatarState] = OrderedDict()
-        self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -110,14 +108,24 @@ class AvatarCache:
                 self._avatars.popitem(last=False)
                 self.evictions += 1
 
-    def context(self, prompt: str) -> torch.Tensor | None:
+
+
+class PromptCache:
+    """LRU of umT5 outputs by prompt (a few kB each: always on). Thread-safe."""
+
+    def __init__(self, max_prompts: int = 64):
+        self.max_prompts = max_prompts
+        self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, prompt: str) -> torch.Tensor | None:
         with self._lock:
             found = self._prompts.get(prompt)
             if found is not None:
                 self._prompts.move_to_end(prompt)
             return found
 
-    def put_context(self, prompt: str, context: torch.Tensor) -> None:
+    def put(self, prompt: str, context: torch.Tensor) -> None:
         with self._lock:
             self._prompts[prompt] = context
             self._prompts.move_to_end(prompt)

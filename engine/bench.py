@@ -45,11 +45,13 @@ from engine.api import (
     FrameBlock,
     SessionParams,
 )
+from engine.avatar_cache import MB
 from engine.bare_step import bare_step, time_bare_step
-from engine.checkpoint.loader import EngineModels, resolve_device
+from engine.checkpoint.loader import EngineModels, resolve_device, resolve_text_device
 from engine.config import EngineConfig
 from engine.errors import ConfigError, EngineError
 from engine.generator import PendingFrames
+from engine.memory import plan_memory
 from engine.preview import draw_default_face
 from engine.random_weights import build_random_models, model_shapes
 from engine.sizing import generation_size, parse_area
@@ -269,12 +271,20 @@ def run_bench(config: EngineConfig, opts: BenchOptions) -> dict[str, Any]:
     """Build random models, measure (the plain path first with --baseline), return figures."""
     device, dtype = resolve_device(config.device, config.dtype)
     shapes = model_shapes("tiny" if opts.tiny or device.type == "cpu" else "14B", device)
+    plan = plan_memory(shapes.dit, shapes.vae, config.max_size, steps=opts.steps, dtype=dtype,
+                       fp8=config.fp8, t5=shapes.t5 if config.text_device != "cpu" else None,
+                       avatar_cache_bytes=config.avatar_cache_mb * MB)
     torch.manual_seed(opts.seed)
-    models = build_random_models(shapes, device, dtype, seed=opts.seed)
+    text_device = resolve_text_device(config.text_device, device)
+    models = build_random_models(shapes, device, dtype, text_device=text_device, seed=opts.seed)
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "shapes": shapes.name,
         "dtype": str(dtype).removeprefix("torch."), "steps": opts.steps, "blocks": opts.blocks,
+        "text_device": str(text_device),
+        # the arithmetic of engine.memory for the configured run (its measured peak is beside)
+        "memory_plan_gb": {k: round(v / GB, 2) for k, v in plan.items.items()},
+        "memory_plan_total_gb": round(plan.total / GB, 2),
         "runs": {},
     }
     # the plain path needs the bf16 weights, so it runs before FP8 quantises them in place
@@ -323,6 +333,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
             raw = dict(tomllib.load(f).get("engine", {}))
     raw.pop("checkpoint", None)  # the bench never loads weights
     raw["random_weights"] = True
+    raw["text_device"] = args.text_device
+    raw.setdefault("max_size", args.size)  # plan and tune for the size measured
     if args.device:
         raw["device"] = args.device
     for key in EngineConfig.speed_keys() + ("fp8_scaling",):
@@ -353,6 +365,8 @@ def format_table(out: dict[str, Any]) -> str:
     lines.append(f"{'setup_ms':24s} {conf['setup_ms']}")
     lines.append(f"{'switches':24s} {conf['switches']}")
     lines.append(f"{'decisions':24s} {conf['decisions']}")
+    lines.append(f"{'memory_plan_total_gb':24s} {out['memory_plan_total_gb']} "
+                 f"{out['memory_plan_gb']}")
     if base:
         lines.append(f"{'bare_step_ms':24s} {out['bare_step_ms']} (bf16; configured step / bare "
                      f"= {out['step_over_bare']}, baseline step / bare = "

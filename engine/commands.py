@@ -46,6 +46,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--config", default=None,
                    help="config.toml whose [engine] speed switches to start from")
+    p.add_argument("--text-device", default="cpu",
+                   help="where umT5 lives (default cpu: the peak GPU memory is then what a "
+                        "smaller card needs; prompts are encoded once)")
     speed = p.add_argument_group("speed switches (default: the config's, else config.toml's "
                                  "defaults)")
     speed.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,

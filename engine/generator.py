@@ -158,13 +158,14 @@ class StreamGenerator:
         self.motion_rope = self.rope.of(to_device(sink.positions[sink.ref_tokens:], self.device))
         self.stages = []
         for i in range(self.schedule.steps):
-            kv = StepKV(dit.cfg.num_layers, 1, self.sink_tokens, sink.ref_tokens,
+            kv = StepKV(dit.cfg.num_layers, 1, int(sink.keys.shape[2]), sink.ref_tokens,
                         self.cfg.ring_frames, tokens_per_frame, dit.cfg.num_heads,
                         dit.cfg.head_dim, models.dtype, self.device)
             stage = DenoiseStage(dit, self.schedule, i, kv, self.cond)
             with torch.inference_mode():
                 stage.set_sink(sink, self.motion_rope)
             self.stages.append(stage)
+        self._keep_reference_only()
         self.audio = StreamingAudioFeatures(models.wav2vec, self.cfg.audio, self.device)
         self._first_latent: torch.Tensor | None = None
         self._setup_seconds: dict[str, float] | None = None
@@ -211,12 +212,10 @@ class StreamGenerator:
 
     def _context(self, prompt: str) -> torch.Tensor:
         """umT5 states of the prompt [1, Lc, text_dim] on the DiT's device (cached per prompt)."""
-        cache = self.speed.avatars
-        context = cache.context(prompt) if cache is not None else None
+        context = self.speed.prompts.get(prompt)
         if context is None:
             context = self.models.text.encode([prompt])[0][None].to(self.models.device)
-            if cache is not None:
-                cache.put_context(prompt, context)
+            self.speed.prompts.put(prompt, context)
         return context
 
     def _encode_motion(self, ref_px: torch.Tensor) -> torch.Tensor:
@@ -252,6 +251,12 @@ class StreamGenerator:
             return out
 
         return self.decoder.submit(job, inputs=(warm,))
+
+    def _keep_reference_only(self) -> None:
+        """Once every step's buffer holds the sink, the session needs only its reference keys
+        (re-rotated per step); the rest is dropped unless the avatar cache shares it."""
+        if self.speed.avatars is None:
+            self.cond.sink = self.cond.sink.reference_only()
 
     def _prefill(self, ref: torch.Tensor, motion: torch.Tensor, text: TextKV) -> SinkKV:
         tokens, positions, n_ref = self.models.dit.embed_sink(ref, motion)
@@ -314,6 +319,7 @@ class StreamGenerator:
                                                self.cond.text)
                 for stage in self.stages:
                     stage.set_sink(self.cond.sink, self.motion_rope)
+                self._keep_reference_only()
             block = self._block_input(b, audio)
             f = self.cfg.block_frames
             noise = block_noise(self.params.seed, b, (1, 16, f, *self.latent_hw))
@@ -355,7 +361,8 @@ class StreamGenerator:
 
     @property
     def sink_tokens(self) -> int:
-        return int(self.cond.sink.keys[0].shape[1])
+        """Tokens of the sink each step attends to (reference + motion)."""
+        return self.stages[0].kv.sink_tokens if self.stages else int(self.cond.sink.keys.shape[2])
 
     def state_nbytes(self) -> int:
         """Bytes of per-session state that could grow: rings, VAE cache, audio buffer."""

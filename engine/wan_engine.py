@@ -6,9 +6,11 @@ import dataclasses
 import logging
 
 import numpy as np
+import torch
 
 from engine.api import AudioChunk, FrameBlock, ProgressFn, SessionParams
 from engine.audio_features import AudioFeatureConfig
+from engine.avatar_cache import MB
 from engine.checkpoint.loader import (
     EngineModels,
     load_models,
@@ -16,8 +18,14 @@ from engine.checkpoint.loader import (
     resolve_text_device,
 )
 from engine.config import EngineConfig
+from engine.errors import EngineError, InputError
 from engine.generator import PendingFrames, StreamConfig, StreamGenerator
+from engine.memory import cuda_capacity, fit_engine, t5_params
+from engine.models.dit import DiTConfig
+from engine.models.text import UMT5Dims
+from engine.models.vae import VAEConfig
 from engine.preview import draw_default_face
+from engine.sizing import parse_area
 from engine.speed.prepare import prepare_models
 
 log = logging.getLogger(__name__)
@@ -80,6 +88,8 @@ class WanEngine:
     def load(cls, config: EngineConfig, progress: ProgressFn | None = None) -> WanEngine:
         device, dtype = resolve_device(config.device, config.dtype)
         text_device = resolve_text_device(config.text_device, device)
+        if device.type == "cuda":  # before a single weight is read
+            config, text_device = fit_on_gpu(config, device, dtype)
         if config.random_weights:
             from engine.random_weights import build_random_models, model_shapes
 
@@ -92,6 +102,10 @@ class WanEngine:
         return cls(models, config)
 
     def open_session(self, params: SessionParams) -> WanSession:
+        if parse_area(params.size) > parse_area(self.config.max_size):
+            raise InputError(f"size {params.size!r} is larger than this engine's max_size "
+                             f"{self.config.max_size!r} (its GPU memory is planned for that); "
+                             "ask for a smaller size or raise [engine] max_size")
         if params.image is None:  # no upload and no configured avatar: the drawn face
             params = dataclasses.replace(params, image=draw_default_face(704, 384))
         s = self.config.sampling
@@ -101,3 +115,51 @@ class WanEngine:
 
     def close(self) -> None:
         self.speed.close()
+
+
+def architecture(config: EngineConfig, device: torch.device
+                 ) -> tuple[DiTConfig, VAEConfig, UMT5Dims] | None:
+    """The model configs the engine will load, from headers only (None if the checkpoint is
+    unreadable: loading then reports why)."""
+    if config.random_weights:
+        from engine.random_weights import model_shapes
+
+        shapes = model_shapes(config.random_shapes, device)
+        return shapes.dit, shapes.vae, shapes.t5
+    from engine.checkpoint import inspect
+    from engine.checkpoint.layout import CheckpointLayout
+
+    try:
+        layout = CheckpointLayout.at(config.checkpoint)
+        dit = inspect.inspect_dit(layout).config
+        vae = inspect.inspect_vae(layout)[1]
+        t5 = inspect.inspect_t5(layout)[1]
+    except EngineError:
+        return None
+    return (dit, vae, t5) if dit and vae and t5 else None
+
+
+def fit_on_gpu(config: EngineConfig, device: torch.device, dtype: torch.dtype
+               ) -> tuple[EngineConfig, torch.device]:
+    """Check the memory plan against the card (raising a ConfigError that says what would fit)
+    and return the config with the avatar cache budget it leaves, and umT5's device."""
+    shapes = architecture(config, device)
+    if shapes is None:
+        return config, resolve_text_device(config.text_device, device)
+    dit, vae, t5 = shapes
+    capacity, name = cuda_capacity(device)
+    fit = fit_engine(dit, vae, t5, size=config.max_size, steps=config.sampling.steps,
+                     dtype=dtype, fp8=config.fp8, sessions=config.max_sessions or 1,
+                     text_device=config.text_device, avatar_cache_bytes=config.avatar_cache_mb * MB,
+                     capacity=capacity, device=name)
+    log.info("GPU memory plan for max_size %s on %s:\n%s", config.max_size, name,
+             fit.plan.format())
+    text_device = device if fit.text_on_device else torch.device("cpu")
+    if config.text_device == "auto" and not fit.text_on_device:
+        log.info("umT5 runs on the CPU: the GPU has no room for its %.1f GB beside the plan",
+                 t5_params(t5) * 2 / 1e9)
+    cache_mb = fit.avatar_cache_bytes // MB
+    if cache_mb < config.avatar_cache_mb:
+        log.info("avatar cache: %d MB (of avatar_cache_mb=%d) left after the plan", cache_mb,
+                 config.avatar_cache_mb)
+    return dataclasses.replace(config, avatar_cache_mb=cache_mb), text_device

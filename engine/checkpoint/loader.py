@@ -229,8 +229,8 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def resolve_text_device(text_device: str, device: torch.device) -> torch.device:
-    """Where umT5 runs: 'auto' is the compute device (its 11 GB are counted by the memory
-    check, which moves it to the CPU when the card is short), else the named device."""
+    """Where umT5 runs: 'auto' is the compute device (on a GPU the memory check may move it to
+    the CPU instead, see engine.memory.fit_engine), else the named device."""
     if text_device == "auto":
         return device
     return torch.device(text_device)

@@ -127,6 +127,13 @@ class SinkKV:
     def nbytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
 
+    def reference_only(self) -> SinkKV:
+        """The reference tokens alone (copied): all a step needs once its buffer holds the
+        motion tokens, since only the reference keys move with the rolling sink."""
+        n = self.ref_tokens
+        return SinkKV(self.keys[:, :, :n].clone(), self.values[:, :, :n].clone(), n,
+                      self.positions[:n].copy())
+
     def positions_with_ref_at(self, ref_t: int) -> np.ndarray:
         pos = self.positions.copy()
         pos[: self.ref_tokens, 0] = ref_t

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.avatar_cache import MB, AvatarCache
+from engine.avatar_cache import MB, AvatarCache, PromptCache
 from engine.checkpoint.loader import EngineModels
 from engine.config import EngineConfig
 from engine.decode import DecodeQueue, use_channels_last
@@ -27,6 +27,7 @@ class SpeedState:
         default_factory=lambda: attention.AttentionChoice("default"))
     vae_channels_last: bool = False
     avatars: AvatarCache | None = None
+    prompts: PromptCache = field(default_factory=PromptCache)
 
     @classmethod
     def plain(cls, device: torch.device) -> SpeedState:
