@@ -55,6 +55,7 @@ from engine.memory import plan_memory
 from engine.preview import draw_default_face
 from engine.random_weights import build_random_models, model_shapes
 from engine.sizing import generation_size, parse_area
+from engine.speed.compile import graphs
 from engine.wan_engine import WanEngine, WanSession
 
 log = logging.getLogger(__name__)
@@ -190,12 +191,14 @@ def measure(engine: WanEngine, opts: BenchOptions, label: str, switches: dict[st
     params = SessionParams(image=bench_image(gw, gh, 0), size=opts.size, seed=opts.seed,
                            steps=opts.steps)
 
-    # 1. warm-up until the rings are full
+    # 1. warm-up until the rings are full (this compiles, when compiling)
     start = time.perf_counter()
+    graphs_before = graphs()
     run = _Session(engine, params, warm_blocks + opts.blocks)
     for _ in range(warm_blocks):
         run.block()
     warmup = time.perf_counter() - start
+    graphs_warm = graphs()
 
     # 2. steady state, two blocks in flight as the runtime keeps them (block b's decode beside
     # block b+1's steps when the decode is overlapped)
@@ -212,6 +215,7 @@ def measure(engine: WanEngine, opts: BenchOptions, label: str, switches: dict[st
     fresh = dataclasses.replace(params, image=bench_image(gw, gh, 1), seed=opts.seed + 1)
     ttff, setup, _ = _ttff(engine, fresh)
     ttff_cached, _, hit = _ttff(engine, fresh)
+    recompiled = graphs() - graphs_warm  # must be 0: steady state and new sessions reuse
 
     steps = [_median([t.steps[i] for t in timings]) for i in range(len(timings[0].steps))]
     features = _median([t.features for t in timings])
@@ -222,7 +226,9 @@ def measure(engine: WanEngine, opts: BenchOptions, label: str, switches: dict[st
     peak_res = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
     return RunResult(
         label=label, switches=switches, size=f"{gw}x{gh}",
-        decisions={"attention_backend": engine.speed.attention.describe()},
+        decisions={"attention_backend": engine.speed.attention.describe(),
+                   "compiled_graphs": str(graphs_warm - graphs_before),
+                   "recompiled_after_warmup": str(recompiled)},
         tokens_per_block=engine.stream_config.block_frames * tokens_per_frame,
         kv_tokens=kv_tokens, warmup_s=round(warmup, 3),
         audio_features_ms=_ms(features), dit_step_ms=[_ms(s) for s in steps],
@@ -337,7 +343,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     raw.setdefault("max_size", args.size)  # plan and tune for the size measured
     if args.device:
         raw["device"] = args.device
-    for key in EngineConfig.speed_keys() + ("fp8_scaling",):
+    for key in EngineConfig.speed_keys() + ("fp8_scaling", "compile_mode"):
         value = getattr(args, key, None)
         if value is not None:
             raw[key] = value

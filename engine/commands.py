@@ -63,6 +63,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                        default=None, help="VAE convolutions channels-last (CUDA)")
     speed.add_argument("--avatar-cache-mb", type=int, default=None,
                        help="per-avatar cache budget (0: off)")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the DiT layer (compiled during the warm-up)")
+    speed.add_argument("--compile-mode", default=None,
+                       choices=("default", "reduce-overhead", "max-autotune",
+                                "max-autotune-no-cudagraphs"))
 
 
 def make_tiny_checkpoint(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 RANDOM_SHAPES = ("auto", "14B", "tiny")
 FP8_SCALINGS = ("tensor", "row")
 ATTENTION_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _check_keys(section: str, raw: dict[str, Any], allowed: set[str]) -> None:
@@ -90,12 +91,14 @@ class EngineConfig:
     vae_overlap: bool = True  # decode beside the next block (second CUDA stream / a thread)
     vae_channels_last: bool = True  # VAE convolutions in NDHWC
     avatar_cache_mb: int = 4096  # per-avatar set-up results kept on the device; 0: off
+    compile: bool = False  # torch.compile of the DiT layer (4 graphs per size, at start-up)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune...
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     # the speed paths, and their values on the plain path (`avatar bench --baseline`)
     PLAIN: ClassVar[dict[str, Any]] = {"fp8": False, "attention_backend": "default",
                                        "vae_overlap": False, "vae_channels_last": False,
-                                       "avatar_cache_mb": 0}
+                                       "avatar_cache_mb": 0, "compile": False}
 
     @classmethod
     def speed_keys(cls) -> tuple[str, ...]:
@@ -132,6 +135,7 @@ class EngineConfig:
         _one_of(f"{sec}.random_shapes", self.random_shapes, RANDOM_SHAPES)
         _one_of(f"{sec}.fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
         _one_of(f"{sec}.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _one_of(f"{sec}.compile_mode", self.compile_mode, COMPILE_MODES)
         try:
             parse_area(self.max_size)
         except InputError as exc:

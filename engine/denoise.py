@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from engine.kv_cache import StepAttention, StepKV
-from engine.models.dit import AudioTokens, SinkKV, TextKV, WanS2VDiT
+from engine.models.dit import AudioTokens, LayerRunner, SinkKV, TextKV, WanS2VDiT
 from engine.sampling import FlowSchedule
 
 REF_AHEAD_RANGE = (4, 30)  # the rolling sink sits this many latent frames ahead (inclusive)
@@ -63,12 +63,13 @@ class DenoiseStage:
     """Denoising step `step` of every block of one session, with its own K/V (sink + ring)."""
 
     def __init__(self, dit: WanS2VDiT, schedule: FlowSchedule, step: int, kv: StepKV,
-                 cond: Conditioning):
+                 cond: Conditioning, layers: LayerRunner | None = None):
         self.dit = dit
         self.schedule = schedule
         self.step = step
         self.kv = kv
         self.cond = cond
+        self.layers = layers  # how the DiT's layers run (compiled, shared), or None: eager
 
     def update(self, latents: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
         """The Euler step: latents at sigma_step -> latents at sigma_step+1 (float32)."""
@@ -83,7 +84,8 @@ class DenoiseStage:
         self.kv.rotate_reference(self.cond.sink, block.ref_rope[self.step])
         attn = StepAttention(self.kv, block.rope, f)
         t = torch.full((1,), self.schedule.timestep(self.step), device=latents.device)
-        velocity = self.dit.denoise(latents, t, block.audio, self.cond.text, attn)
+        velocity = self.dit.denoise(latents, t, block.audio, self.cond.text, attn,
+                                    layers=self.layers)
         self.kv.advance(f)
         return velocity
 

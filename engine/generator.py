@@ -157,11 +157,15 @@ class StreamGenerator:
         sink = self.cond.sink
         self.motion_rope = self.rope.of(to_device(sink.positions[sink.ref_tokens:], self.device))
         self.stages = []
+        if self.speed.layers is not None:
+            self.speed.layers.mark_static(*self.cond.text.keys, *self.cond.text.values)
         for i in range(self.schedule.steps):
             kv = StepKV(dit.cfg.num_layers, 1, int(sink.keys.shape[2]), sink.ref_tokens,
                         self.cfg.ring_frames, tokens_per_frame, dit.cfg.num_heads,
                         dit.cfg.head_dim, models.dtype, self.device)
-            stage = DenoiseStage(dit, self.schedule, i, kv, self.cond)
+            stage = DenoiseStage(dit, self.schedule, i, kv, self.cond, self.speed.layers)
+            if self.speed.layers is not None:
+                self.speed.layers.mark_static(*kv.k_layers, *kv.v_layers)
             with torch.inference_mode():
                 stage.set_sink(sink, self.motion_rope)
             self.stages.append(stage)

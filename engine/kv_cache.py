@@ -39,6 +39,10 @@ class StepKV:
         shape = (layers, batch, sink_tokens + frames * tokens_per_frame, heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # one view per layer, made once: the same tensor objects every step (CUDA graphs can
+        # then treat them as static addresses)
+        self.k_layers = list(self.k.unbind(0))
+        self.v_layers = list(self.v.unbind(0))
         self.sink_tokens = sink_tokens
         self.ref_tokens = ref_tokens
         self.frames = frames
@@ -104,14 +108,33 @@ class StepAttention:
     def __init__(self, kv: StepKV, rope: tuple[torch.Tensor, torch.Tensor], new_frames: int):
         self.kv = kv
         self.cos, self.sin = rope
-        self.start, self.end = kv.window(new_frames)
+        start, self.end = kv.window(new_frames)
+        # where the block's keys go, as a device tensor: a compiled layer then depends on the
+        # fill level (`end`, 4 values) but not on the write position
+        n = new_frames * kv.tokens_per_frame
+        self.index = torch.arange(start, start + n, device=kv.k.device)
+
+    def layer(self, i: int) -> LayerAttention:
+        return LayerAttention(self.kv.k_layers[i], self.kv.v_layers[i], self.index, self.end,
+                              self.cos, self.sin)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.layer(layer)(layer, q, k, v)
+
+
+class LayerAttention:
+    """`StepAttention` bound to one layer's buffers (what a compiled layer receives: the same
+    graph serves every layer, so the layer index it is called with is ignored)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, end: int,
+                 cos: torch.Tensor, sin: torch.Tensor):
+        self.keys, self.values, self.index, self.end = keys, values, index, end
+        self.cos, self.sin = cos, sin
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q, k, v: [B, L, H, Dh] un-roped; the buffer stores rotated keys
         q = apply_rope(q, self.cos, self.sin)
         k = apply_rope(k, self.cos, self.sin)
-        n = k.shape[1]
-        keys, values = self.kv.k[layer], self.kv.v[layer]
-        keys[:, self.start:self.start + n] = k
-        values[:, self.start:self.start + n] = v
-        return attend(q, keys[:, :self.end], values[:, :self.end])
+        self.keys.index_copy_(1, self.index, k)
+        self.values.index_copy_(1, self.index, v)
+        return attend(q, self.keys[:, :self.end], self.values[:, :self.end])

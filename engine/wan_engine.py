@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import torch
@@ -99,7 +100,29 @@ class WanEngine:
             models = load_models(config.checkpoint, device, dtype, lora=config.lora or None,
                                  lora_alpha=config.lora_alpha, text_device=text_device,
                                  progress=progress)
-        return cls(models, config)
+        engine = cls(models, config)
+        if config.compile:
+            engine.warm_up()
+        return engine
+
+    def warm_up(self) -> float:
+        """Run one throw-away session at max_size until its rings are full, so that every
+        graph torch.compile needs for that size exists before the first real session (minutes
+        on a cold cache). Returns the seconds it took."""
+        start = time.monotonic()
+        blocks = self.stream_config.ring_frames // self.stream_config.block_frames + 1
+        w, h = (int(v) for v in self.config.max_size.lower().replace("x", "*").split("*"))
+        log.info("warming up (compiling) at %dx%d: %d blocks", w, h, blocks)
+        session = self.open_session(SessionParams(image=draw_default_face(w, h),
+                                                  size=self.config.max_size))
+        try:
+            for _ in range(blocks):
+                session.next_block(pad_silence=True)
+        finally:
+            session.close()
+        took = time.monotonic() - start
+        log.info("warm-up done in %.1f s", took)
+        return took
 
     def open_session(self, params: SessionParams) -> WanSession:
         if parse_area(params.size) > parse_area(self.config.max_size):

@@ -381,10 +381,12 @@ class WanS2VDiT(nn.Module):
     # 4c. one denoising step -----------------------------------------------------------------
 
     def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, audio: AudioTokens,
-                text: TextKV, attn: SelfAttention, cond: torch.Tensor | None = None) -> torch.Tensor:
+                text: TextKV, attn: SelfAttention, cond: torch.Tensor | None = None,
+                layers: LayerRunner | None = None) -> torch.Tensor:
         """Velocity of a noisy block. latents [B, 16, F, H, W]; timestep [B] (0..1000).
 
         `attn` decides what the block attends to (its KV ring + sink); it applies RoPE.
+        `layers` runs the blocks and audio injections (e.g. compiled); default: as they are.
         Returns the flow prediction [B, 16, F, H, W] in float32.
         """
         b, _, f, hh, ww = latents.shape
@@ -397,9 +399,16 @@ class WanS2VDiT(nn.Module):
         x = x + self.trainable_cond_mask.weight[0]
         e, e0 = self.time_embedding_of(timestep.reshape(b, 1).expand(b, f))
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, i, attn, text.keys[i], text.values[i])
+            if layers is None:
+                x = block(x, e0, i, attn, text.keys[i], text.values[i])
+            else:
+                x = layers.block(block, x, e0, i, attn, text.keys[i], text.values[i])
             if i in self.injector_of:
-                x = self._inject_audio(self.injector_of[i], x, audio)
+                j = self.injector_of[i]
+                if layers is None:
+                    x = self._inject_audio(j, x, audio)
+                else:
+                    x = layers.inject(*self._injector(j), x, audio.local, audio.glob)
         return self.unpatchify(self.head(x, e), hh, ww)
 
     def unpatchify(self, out: torch.Tensor, hh: int, ww: int) -> torch.Tensor:
@@ -411,20 +420,12 @@ class WanS2VDiT(nn.Module):
         out = out.view(b, f, hh // 2, ww // 2, 2, 2, self.cfg.out_dim)
         return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.cfg.out_dim, f, hh, ww)
 
-    def _inject_audio(self, j: int, x: torch.Tensor, audio: AudioTokens) -> torch.Tensor:
-        # x: [B, F, T, D]; each latent frame attends to its own 5 audio tokens
-        b, f, t, d = x.shape
+    def _injector(self, j: int) -> tuple[nn.Module, nn.Module | None]:
         inj = self.audio_injector
-        flat = x.reshape(b * f, t, d)
-        if inj.enable_adain:
-            assert audio.glob is not None, "enable_adain needs the global audio token"
-            h = inj.injector_adain_layers[j](flat, audio.glob.reshape(b * f, d))
-        else:
-            h = _layer_norm(flat, 1e-6)
-        attn = inj.injector[j]
-        k, v = attn.project_kv(audio.local.reshape(b * f, -1, d))
-        y = attn.project_out(attend(attn.project_q(h), k, v))
-        return x + y.view(b, f, t, d)
+        return inj.injector[j], inj.injector_adain_layers[j] if inj.enable_adain else None
+
+    def _inject_audio(self, j: int, x: torch.Tensor, audio: AudioTokens) -> torch.Tensor:
+        return inject_audio(*self._injector(j), x, audio.local, audio.glob)
 
     # 4d. documented-shape entry point ----------------------------------------------------------
 
@@ -460,6 +461,32 @@ class BlockAttention:
         k = apply_rope(k, *self.q_rope)
         sk = apply_rope(self.sink.keys[layer], *self.s_rope)
         return attend(q, torch.cat([k, sk], dim=1), torch.cat([v, self.sink.values[layer]], dim=1))
+
+
+def inject_audio(attn: Attention, adain: nn.Module | None, x: torch.Tensor, local: torch.Tensor,
+                 glob: torch.Tensor | None) -> torch.Tensor:
+    """One audio injection: each latent frame's tokens x [B, F, T, D] attend to that frame's
+    audio tokens local [B, F, T_a, D], after an AdaLN on the global token glob [B, F, D]."""
+    b, f, t, d = x.shape
+    flat = x.reshape(b * f, t, d)
+    if adain is not None:
+        assert glob is not None, "enable_adain needs the global audio token"
+        h = adain(flat, glob.reshape(b * f, d))
+    else:
+        h = _layer_norm(flat, 1e-6)
+    k, v = attn.project_kv(local.reshape(b * f, -1, d))
+    y = attn.project_out(attend(attn.project_q(h), k, v))
+    return x + y.view(b, f, t, d)
+
+
+class LayerRunner(Protocol):
+    """How `denoise` runs its repeated parts (`engine.speed.compile` compiles them)."""
+
+    def block(self, block: DiTBlock, x: torch.Tensor, e0: torch.Tensor, layer: int,
+              attn: SelfAttention, text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor: ...
+
+    def inject(self, attn: Attention, adain: nn.Module | None, x: torch.Tensor,
+               local: torch.Tensor, glob: torch.Tensor | None) -> torch.Tensor: ...
 
 
 def expected_state_dict_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:

@@ -14,6 +14,7 @@ from engine.decode import DecodeQueue, use_channels_last
 from engine.models.fp8 import is_quantized, quantize_linears
 from engine.sizing import parse_area
 from engine.speed import attention
+from engine.speed.compile import CompiledLayers
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class SpeedState:
     vae_channels_last: bool = False
     avatars: AvatarCache | None = None
     prompts: PromptCache = field(default_factory=PromptCache)
+    layers: CompiledLayers | None = None  # None: eager
 
     @classmethod
     def plain(cls, device: torch.device) -> SpeedState:
@@ -51,8 +53,8 @@ def prepare_models(models: EngineModels, config: EngineConfig, ring_frames: int 
                    block_frames: int = 3) -> SpeedState:
     """Quantise the DiT's linears to FP8 when `config.fp8` (in place: the bf16 weights are
     freed; a model already quantised stays so), choose the attention backend for the largest
-    size sessions may use, lay the VAE out channels-last, and make the decode queue and the
-    avatar cache."""
+    size sessions may use, lay the VAE out channels-last, and make the decode queue, the
+    avatar cache and the compiled layer."""
     if config.fp8 and not is_quantized(models.dit):
         count = quantize_linears(models.dit, config.fp8_scaling)
         log.info("fp8: %d DiT linears quantised to e4m3 (%s scaling)", count, config.fp8_scaling)
@@ -66,4 +68,5 @@ def prepare_models(models: EngineModels, config: EngineConfig, ring_frames: int 
     decoder = DecodeQueue.for_device(models.device, config.vae_overlap)
     log.info("vae decode: %s%s", decoder.mode, ", channels-last" if channels_last else "")
     avatars = AvatarCache(config.avatar_cache_mb * MB) if config.avatar_cache_mb else None
-    return SpeedState(decoder, choice, channels_last, avatars)
+    layers = CompiledLayers(config.compile_mode) if config.compile else None
+    return SpeedState(decoder, choice, channels_last, avatars, layers=layers)
