@@ -51,7 +51,7 @@ from engine.checkpoint.loader import EngineModels, resolve_device, resolve_text_
 from engine.config import EngineConfig
 from engine.errors import ConfigError, EngineError
 from engine.generator import PendingFrames
-from engine.memory import plan_memory
+from engine.memory import params_of, plan_memory
 from engine.preview import draw_default_face
 from engine.random_weights import build_random_models, model_shapes
 from engine.sizing import generation_size, parse_area
@@ -273,47 +273,64 @@ def switches_of(cfg: EngineConfig) -> dict[str, Any]:
     return {name: getattr(cfg, name) for name in EngineConfig.speed_keys()}
 
 
-def run_bench(config: EngineConfig, opts: BenchOptions) -> dict[str, Any]:
-    """Build random models, measure (the plain path first with --baseline), return figures."""
+def run_bench(config: EngineConfig, opts: BenchOptions, sizes: list[str] | None = None
+              ) -> list[dict[str, Any]]:
+    """Build random models once and measure every size (the plain path first with --baseline,
+    at all sizes while the weights are still bf16; then the configured path, whose FP8 quantises
+    them in place). One result per size."""
+    sizes = sizes or [opts.size]
     device, dtype = resolve_device(config.device, config.dtype)
     shapes = model_shapes("tiny" if opts.tiny or device.type == "cpu" else "14B", device)
-    plan = plan_memory(shapes.dit, shapes.vae, config.max_size, steps=opts.steps, dtype=dtype,
-                       fp8=config.fp8, t5=shapes.t5 if config.text_device != "cpu" else None,
-                       avatar_cache_bytes=config.avatar_cache_mb * MB)
     torch.manual_seed(opts.seed)
     text_device = resolve_text_device(config.text_device, device)
     models = build_random_models(shapes, device, dtype, text_device=text_device, seed=opts.seed)
-    out: dict[str, Any] = {
+    largest = max(sizes, key=parse_area)
+    config = dataclasses.replace(config, max_size=largest)
+    head: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "shapes": shapes.name,
         "dtype": str(dtype).removeprefix("torch."), "steps": opts.steps, "blocks": opts.blocks,
         "text_device": str(text_device),
-        # the arithmetic of engine.memory for the configured run (its measured peak is beside)
-        "memory_plan_gb": {k: round(v / GB, 2) for k, v in plan.items.items()},
-        "memory_plan_total_gb": round(plan.total / GB, 2),
-        "runs": {},
     }
-    # the plain path needs the bf16 weights, so it runs before FP8 quantises them in place
-    plain = config.plain()
-    frames = WanEngine(models, plain).stream_config.block_frames
-    base = None
+    outs: dict[str, dict[str, Any]] = {}
+    for size in sizes:
+        # the arithmetic of engine.memory for the configured run (its measured peak is beside)
+        plan = plan_memory(shapes.dit, shapes.vae, size, steps=opts.steps, dtype=dtype,
+                           fp8=config.fp8, wav2vec_params=params_of(models.wav2vec),
+                           t5=shapes.t5 if text_device.type == "cuda" else None,
+                           avatar_cache_bytes=config.avatar_cache_mb * MB)
+        outs[size] = {**head, "size": size, "runs": {},
+                      "memory_plan_gb": {k: round(v / GB, 2) for k, v in plan.items.items()},
+                      "memory_plan_total_gb": round(plan.total / GB, 2)}
+    frames = 3
     if opts.baseline:
-        base = measure(WanEngine(models, plain), opts, "baseline", switches_of(plain))
-        out["runs"]["baseline"] = dataclasses.asdict(base)
-        bare_bf16 = measure_bare(models, base, frames)
+        plain = config.plain()
+        engine = WanEngine(models, plain)
+        frames = engine.stream_config.block_frames
+        for size in sizes:
+            base = measure(engine, dataclasses.replace(opts, size=size), "baseline",
+                           switches_of(plain))
+            outs[size]["runs"]["baseline"] = dataclasses.asdict(base)
+            outs[size]["bare_step_ms"] = _ms(measure_bare(models, base, frames))
+        engine.close()
     engine = WanEngine(models, config)  # applies the speed paths (FP8 from here on)
-    result = measure(engine, opts, "configured", switches_of(config))
-    out["runs"]["configured"] = dataclasses.asdict(result)
-    out["size"] = result.size
-    if base is not None:
-        out["ratio_to_baseline"] = ratios(out["runs"]["configured"], out["runs"]["baseline"])
-        out["bare_step_ms"] = _ms(bare_bf16)
-        out["step_over_bare"] = round(result.dit_step_mean_ms / out["bare_step_ms"], 3)
-        out["baseline_step_over_bare"] = round(base.dit_step_mean_ms / out["bare_step_ms"], 3)
-    if config.fp8:
-        out["bare_step_fp8_ms"] = _ms(measure_bare(models, result, frames))
-        out["step_over_bare_fp8"] = round(result.dit_step_mean_ms / out["bare_step_fp8_ms"], 3)
-    return out
+    for size in sizes:
+        out = outs[size]
+        result = measure(engine, dataclasses.replace(opts, size=size), "configured",
+                         switches_of(config))
+        out["runs"]["configured"] = dataclasses.asdict(result)
+        out["size"] = result.size
+        if "baseline" in out["runs"]:
+            base_ms = out["runs"]["baseline"]["dit_step_mean_ms"]
+            out["ratio_to_baseline"] = ratios(out["runs"]["configured"], out["runs"]["baseline"])
+            out["step_over_bare"] = round(result.dit_step_mean_ms / out["bare_step_ms"], 3)
+            out["baseline_step_over_bare"] = round(base_ms / out["bare_step_ms"], 3)
+        if config.fp8:
+            out["bare_step_fp8_ms"] = _ms(measure_bare(models, result, frames))
+            out["step_over_bare_fp8"] = round(result.dit_step_mean_ms / out["bare_step_fp8_ms"],
+                                              3)
+    engine.close()
+    return [outs[size] for size in sizes]
 
 
 def ratios(run: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
@@ -340,7 +357,6 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     raw.pop("checkpoint", None)  # the bench never loads weights
     raw["random_weights"] = True
     raw["text_device"] = args.text_device
-    raw.setdefault("max_size", args.size)  # plan and tune for the size measured
     if args.device:
         raw["device"] = args.device
     for key in EngineConfig.speed_keys() + ("fp8_scaling", "compile_mode"):
@@ -386,14 +402,18 @@ def format_table(out: dict[str, Any]) -> str:
 def command(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
-        opts = BenchOptions(size=args.size, steps=args.steps, blocks=args.blocks,
+        opts = BenchOptions(size=args.size.split(",")[0], steps=args.steps, blocks=args.blocks,
                             baseline=args.baseline, tiny=args.tiny)
         if opts.blocks < 1 or not 1 <= opts.steps <= 50:
             raise ConfigError(f"--blocks={opts.blocks} must be >= 1 and --steps={opts.steps} "
                               "in 1..50")
-        out = run_bench(config, opts)
+        sizes = [x.strip() for x in args.size.split(",") if x.strip()]
+        for size in sizes:
+            parse_area(size)
+        outs = run_bench(config, opts, sizes)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(out) if args.json else format_table(out))
+    for out in outs:  # one JSON object (line) per size
+        print(json.dumps(out) if args.json else format_table(out), flush=True)
     return 0

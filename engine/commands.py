@@ -37,7 +37,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU")
-    p.add_argument("--size", default="704*384", help="generation area budget (default 704*384)")
+    p.add_argument("--size", default="704*384",
+                   help="generation area budget (default 704*384); a comma-separated list "
+                        "measures each in one process (one output per size)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
     p.add_argument("--blocks", type=int, default=8,
                    help="steady-state blocks measured after the warm-up (default 8)")

@@ -23,7 +23,10 @@ RUN_KEYS = {
 def test_bench_json_with_baseline_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--tiny", "--size", "64*64", "--steps", "2", "--blocks", "2",
                  "--baseline", "--fp8", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["memory_plan_total_gb"] > 0 and "rings" in out["memory_plan_gb"]
     assert out["shapes"] == "tiny" and out["size"] == "64x64" and out["steps"] == 2
     runs = out["runs"]
     assert set(runs) == {"baseline", "configured"}
@@ -44,10 +47,12 @@ def test_bench_json_with_baseline_on_cpu(capsys: pytest.CaptureFixture[str]) -> 
     assert out["bare_step_fp8_ms"] > 0 and out["step_over_bare_fp8"] > 0
 
 
-def test_bench_table_without_baseline(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "--tiny", "--size", "64*64", "--steps", "1", "--blocks", "1"]) == 0
+def test_bench_table_without_baseline_for_two_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--tiny", "--size", "64*64,128*64", "--steps", "1", "--blocks",
+                 "1"]) == 0
     text = capsys.readouterr().out
-    assert "avatar bench: cpu" in text and "fps" in text and "ratio" not in text
+    assert text.count("avatar bench: cpu") == 2 and "64x64" in text and "128x64" in text
+    assert "fps" in text and "ratio" not in text and "memory_plan_total_gb" in text
 
 
 def test_bench_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
