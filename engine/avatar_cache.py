@@ -93,20 +93,21 @@ class AvatarCache:
             self.hits += 1
             return state
 
-    def put(self, key: AvatarKey, state: AvatarState) -> None:
+    def put(self, key: AvatarKey, state: AvatarState) -> bool:
         """Keep `state`, evicting the least recently used entries to stay within budget; an
-        entry larger than the whole budget is not kept."""
+        entry larger than the whole budget is not kept. Returns whether it was kept."""
         size = state.nbytes
         with self._lock:
             if size > self.max_bytes:
                 log.info("avatar cache: an entry of %.0f MB exceeds avatar_cache_mb=%.0f; not "
                          "kept", size / MB, self.max_bytes / MB)
-                return
+                return False
             self._avatars[key] = state
             self._avatars.move_to_end(key)
             while sum(s.nbytes for s in self._avatars.values()) > self.max_bytes:
                 self._avatars.popitem(last=False)
                 self.evictions += 1
+            return True
 
 
 

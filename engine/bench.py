@@ -54,7 +54,7 @@ from engine.generator import PendingFrames
 from engine.memory import params_of, plan_memory
 from engine.preview import draw_default_face
 from engine.random_weights import build_random_models, model_shapes
-from engine.sizing import generation_size, parse_area
+from engine.sizing import generation_size, parse_area, parse_size
 from engine.speed.compile import graphs
 from engine.wan_engine import WanEngine, WanSession
 
@@ -181,7 +181,7 @@ def measure(engine: WanEngine, opts: BenchOptions, label: str, switches: dict[st
             ) -> RunResult:
     models = engine.models
     device = models.device
-    w, h = (int(v) for v in opts.size.lower().replace("x", "*").split("*"))
+    w, h = parse_size(opts.size)
     gh, gw = generation_size(h, w, parse_area(opts.size))
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -111,7 +111,7 @@ class PendingFrames:
         if frames.shape[0] != FRAMES_PER_BLOCK:
             raise AssertionError(f"decoded {frames.shape[0]} frames, expected {FRAMES_PER_BLOCK}")
         c, d = self.clock, decoded.clock
-        steps = tuple(c.between("features" if i == 0 else f"step{i - 1}", f"step{i}")
+        steps = tuple(c.between("inputs" if i == 0 else f"step{i - 1}", f"step{i}")
                       for i in range(self.steps))
         features = c.between("start", "features")
         decode = d.between("decode_start", "decode")
@@ -185,9 +185,10 @@ class StreamGenerator:
         this image, size and prompt were set up before, else computed (and cached)."""
         m, cache = self.models, self.speed.avatars
         assert params.image is not None
-        key = AvatarKey.of(params.image, self.height, self.width, params.prompt)
-        state = cache.get(key) if cache is not None else None
-        self.avatar_cache_hit = state is not None
+        key = (AvatarKey.of(params.image, self.height, self.width, params.prompt)
+               if cache is not None else None)
+        state = cache.get(key) if cache is not None and key is not None else None
+        self.avatar_cache_hit = self._sink_shared = state is not None
         if state is not None:
             if state.decode_slots:  # the primed decoder too
                 self.decode_cache.slots.update(state.decode_slots)
@@ -210,8 +211,8 @@ class StreamGenerator:
         clock.mark("text")
         sink = self._prefill(ref_latent, motion, text)
         clock.mark("prefill")
-        if cache is not None:
-            cache.put(key, AvatarState(ref_latent, motion, text, sink, slots))
+        if cache is not None and key is not None:
+            self._sink_shared = cache.put(key, AvatarState(ref_latent, motion, text, sink, slots))
         return Conditioning(text, sink, motion), ref_latent
 
     def _context(self, prompt: str) -> torch.Tensor:
@@ -259,7 +260,7 @@ class StreamGenerator:
     def _keep_reference_only(self) -> None:
         """Once every step's buffer holds the sink, the session needs only its reference keys
         (re-rotated per step); the rest is dropped unless the avatar cache shares it."""
-        if self.speed.avatars is None:
+        if not self._sink_shared:
             self.cond.sink = self.cond.sink.reference_only()
 
     def _prefill(self, ref: torch.Tensor, motion: torch.Tensor, text: TextKV) -> SinkKV:
@@ -323,11 +324,13 @@ class StreamGenerator:
                                                self.cond.text)
                 for stage in self.stages:
                     stage.set_sink(self.cond.sink, self.motion_rope)
+                self._sink_shared = False  # the session's own: never in the avatar cache
                 self._keep_reference_only()
             block = self._block_input(b, audio)
             f = self.cfg.block_frames
             noise = block_noise(self.params.seed, b, (1, 16, f, *self.latent_hw))
             x = to_device(noise, self.device)
+            clock.mark("inputs")  # (a sink refresh lands here, not in a step)
             for stage in self.stages:
                 v = stage.velocity(x, block)
                 if self.step_observer is not None:

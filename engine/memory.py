@@ -98,9 +98,21 @@ def ring_bytes(cfg: DiTConfig, size: str, ring_frames: int = 12, dtype_bytes: in
     return cfg.num_layers * 2 * ring_frames * tokens_per_frame(size) * cfg.dim * dtype_bytes
 
 
+def sink_tokens(size: str) -> int:
+    """Reference + FramePack tokens: 2.5 frames of tokens (1 + 1 + 1/4 + 4/16)."""
+    return (5 * tokens_per_frame(size)) // 2
+
+
+def step_attention_shape(size: str, ring_frames: int = 12, block_frames: int = 3
+                         ) -> tuple[int, int]:
+    """(queries, keys) of one full-ring step's self-attention."""
+    tpf = tokens_per_frame(size)
+    return block_frames * tpf, ring_frames * tpf + sink_tokens(size)
+
+
 def sink_bytes(cfg: DiTConfig, size: str, dtype_bytes: int = 2) -> int:
-    """K and V of the sink in every layer: reference + FramePack tokens, 2.5 frames of tokens."""
-    return cfg.num_layers * 2 * (5 * tokens_per_frame(size)) // 2 * cfg.dim * dtype_bytes
+    """K and V of the sink in every layer."""
+    return cfg.num_layers * 2 * sink_tokens(size) * cfg.dim * dtype_bytes
 
 
 # 2. The plan ------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from engine.models.dit import DiTConfig
 from engine.models.text import UMT5Dims
 from engine.models.vae import VAEConfig
 from engine.preview import draw_default_face
-from engine.sizing import parse_area
+from engine.sizing import parse_area, parse_size
 from engine.speed.prepare import prepare_models
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class WanEngine:
         on a cold cache). Returns the seconds it took."""
         start = time.monotonic()
         blocks = self.stream_config.ring_frames // self.stream_config.block_frames + 1
-        w, h = (int(v) for v in self.config.max_size.lower().replace("x", "*").split("*"))
+        w, h = parse_size(self.config.max_size)
         log.info("warming up (compiling) at %dx%d: %d blocks", w, h, blocks)
         session = self.open_session(SessionParams(image=draw_default_face(w, h),
                                                   size=self.config.max_size))

@@ -11,8 +11,8 @@ from engine.avatar_cache import MB, AvatarCache, PromptCache
 from engine.checkpoint.loader import EngineModels
 from engine.config import EngineConfig
 from engine.decode import DecodeQueue, use_channels_last
+from engine.memory import step_attention_shape
 from engine.models.fp8 import is_quantized, quantize_linears
-from engine.sizing import parse_area
 from engine.speed import attention
 from engine.speed.compile import CompiledLayers
 
@@ -40,15 +40,6 @@ class SpeedState:
         self.decoder.close()
 
 
-def step_shapes(models: EngineModels, size: str, ring_frames: int, block_frames: int
-                ) -> tuple[int, int]:
-    """(queries, keys) of one full-ring step's self-attention for a size budget: tokens per
-    latent frame are area / 256 (8x VAE, 2x2 patches); the sink is 2.5 frames of them
-    (reference 1, FramePack 1 + 1/4 + 4/16)."""
-    tpf = parse_area(size) // 256
-    return block_frames * tpf, ring_frames * tpf + (5 * tpf) // 2
-
-
 def prepare_models(models: EngineModels, config: EngineConfig, ring_frames: int = 12,
                    block_frames: int = 3) -> SpeedState:
     """Quantise the DiT's linears to FP8 when `config.fp8` (in place: the bf16 weights are
@@ -59,7 +50,7 @@ def prepare_models(models: EngineModels, config: EngineConfig, ring_frames: int 
         count = quantize_linears(models.dit, config.fp8_scaling)
         log.info("fp8: %d DiT linears quantised to e4m3 (%s scaling)", count, config.fp8_scaling)
     cfg = models.dit.cfg
-    q, kv = step_shapes(models, config.max_size, ring_frames, block_frames)
+    q, kv = step_attention_shape(config.max_size, ring_frames, block_frames)
     choice = attention.choose(config.attention_backend, models.device, models.dtype,
                               cfg.num_heads, cfg.head_dim, q, kv)
     channels_last = config.vae_channels_last and models.device.type == "cuda"
