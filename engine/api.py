@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -54,12 +54,21 @@ class AudioChunk:
 
 @dataclass(frozen=True, slots=True)
 class BlockTimings:
-    """Seconds spent per stage of one block, measured by the engine."""
+    """Seconds spent per stage of one block, measured by the engine (device time on a GPU).
+
+    `features`: audio features and audio tokens; `denoise`: all steps (`steps`: each of them);
+    `decode`: the VAE; `postprocess`: frames to uint8 and onto the host; `total`: wall time from
+    the block's start to its frames on the host; `busy`: what it cost the engine's critical
+    path (features + denoise, plus the decode unless that overlapped the next block).
+    """
 
     features: float = 0.0
     denoise: float = 0.0
     decode: float = 0.0
     total: float = 0.0
+    steps: tuple[float, ...] = ()
+    postprocess: float = 0.0
+    busy: float = 0.0  # seconds it held the engine's critical path (not an overlapped decode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +131,31 @@ def session_info(session: EngineSession) -> dict[str, Any]:
     return dict(info) if isinstance(info, dict) else {}
 
 
+class PendingBlock(Protocol):
+    """A block whose frames are on their way (`PipelinedSession.submit_block`)."""
+
+    @property
+    def index(self) -> int: ...
+
+    def done(self) -> bool:
+        """Are the frames ready? Never waits."""
+        ...
+
+    def result(self) -> FrameBlock:
+        """The block; waits for its frames if need be."""
+        ...
+
+
+@runtime_checkable
+class PipelinedSession(EngineSession, Protocol):
+    """A session that can start a block before the previous one's frames are out: the runtime
+    submits block b+1 while block b is decoded, and hands block b over as soon as it is done."""
+
+    def submit_block(self, pad_silence: bool = False) -> PendingBlock:
+        """Start the next block (same contract as `next_block`) and return at once."""
+        ...
+
+
 class Engine(Protocol):
     """A loaded engine: opens sessions. `name` is "wan" or "preview".
 
@@ -145,8 +179,9 @@ __all__ = ["CapacityExhausted", "ConfigError", "EngineConfig", "EngineError", "I
 
 
 def create_engine(config: EngineConfig, progress: ProgressFn | None = None) -> Engine:
-    """The engine `config` asks for. Imports torch only when a checkpoint is configured."""
-    if config.checkpoint:
+    """The engine `config` asks for. Imports torch only for the Wan engine (a checkpoint, or
+    random weights)."""
+    if config.checkpoint or config.random_weights:
         from engine.wan_engine import WanEngine
 
         return WanEngine.load(config, progress)

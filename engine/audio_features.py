@@ -24,6 +24,7 @@ import torch
 from engine.api import SAMPLES_PER_FRAME
 from engine.audio_buffer import AudioBuffer
 from engine.models.audio import HOP, SAMPLE_RATE, Wav2Vec2Features, feature_frames
+from engine.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ def interpolate_frames(states: torch.Tensor, first_state: int, frames: np.ndarra
     asked for; this only guards the final interpolation neighbour).
     """
     base, frac = frame_positions(frames)
-    idx0 = np.clip(base - first_state, 0, states.shape[2] - 1)
-    idx1 = np.clip(base + 1 - first_state, 0, states.shape[2] - 1)
-    w = torch.from_numpy(frac).to(states.dtype).to(states.device)[None, None, :, None]
+    idx0 = to_device(np.clip(base - first_state, 0, states.shape[2] - 1), states.device)
+    idx1 = to_device(np.clip(base + 1 - first_state, 0, states.shape[2] - 1), states.device)
+    w = to_device(frac, states.device, states.dtype)[None, None, :, None]
     picked = states[:, :, idx0] * (1 - w) + states[:, :, idx1] * w  # [B, L, G, A]
     return picked.permute(0, 1, 3, 2)
 
@@ -111,7 +112,7 @@ class StreamingAudioFeatures:
         stats = self.buffer.read(norm_start, stop).astype(np.float64)
         mean = float(stats.mean())
         std = max(float(stats.std()), cfg.norm_floor)
-        x = torch.from_numpy(((wave - mean) / std).astype(np.float32))[None].to(self.device)
+        x = to_device(((wave - mean) / std).astype(np.float32)[None], self.device)
         states = self.model(x)  # [1, L, T, A]
         if states.shape[2] < 1 or feature_frames(len(wave)) != states.shape[2]:
             raise AssertionError("wav2vec2 frame count does not match the window")

@@ -29,13 +29,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-keys", type=int, default=12, help="keys listed per problem kind")
     p.set_defaults(func=check_checkpoint)
 
-    p = sub.add_parser("bench", help="per-stage timings with random weights (14B shapes on a GPU)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU")
-    p.add_argument("--size", default="704*384", help="generation area budget (default 704*384)")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--blocks", type=int, default=8, help="blocks to run (half are warm-up)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p = sub.add_parser("bench", help="whole blocks through the real engine with random weights "
+                                     "(14B shapes on a GPU), optionally against the plain path")
+    add_bench_arguments(p)
     p.set_defaults(func=bench)
 
     p = sub.add_parser("preview-bench",
@@ -46,6 +42,44 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="OpenCV threads (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=preview_bench)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU")
+    p.add_argument("--size", default="704*384",
+                   help="generation area budget (default 704*384); a comma-separated list "
+                        "measures each in one process (one output per size)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
+    p.add_argument("--blocks", type=int, default=8,
+                   help="steady-state blocks measured after the warm-up (default 8)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also run the plain path first and print ratios to it")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--config", default=None,
+                   help="config.toml whose [engine] speed switches to start from")
+    p.add_argument("--text-device", default="cpu",
+                   help="where umT5 lives (default cpu: the peak GPU memory is then what a "
+                        "smaller card needs; prompts are encoded once)")
+    speed = p.add_argument_group("speed switches (default: the config's, else config.toml's "
+                                 "defaults)")
+    speed.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                       help="FP8 (e4m3) DiT linears")
+    speed.add_argument("--fp8-scaling", choices=("tensor", "row"), default=None)
+    speed.add_argument("--attention-backend", default=None,
+                       choices=("auto", "default", "cudnn", "flash", "efficient", "math"),
+                       help="SDPA backend (auto: the fastest at these shapes, probed)")
+    speed.add_argument("--vae-overlap", action=argparse.BooleanOptionalAction, default=None,
+                       help="VAE decode on a second CUDA stream beside the next block")
+    speed.add_argument("--vae-channels-last", action=argparse.BooleanOptionalAction,
+                       default=None, help="VAE convolutions channels-last (CUDA)")
+    speed.add_argument("--avatar-cache-mb", type=int, default=None,
+                       help="per-avatar cache budget (0: off)")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the DiT layer (compiled during the warm-up)")
+    speed.add_argument("--compile-mode", default=None,
+                       choices=("default", "reduce-overhead", "max-autotune",
+                                "max-autotune-no-cudagraphs"))
 
 
 def make_tiny_checkpoint(args: argparse.Namespace) -> int:

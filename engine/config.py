@@ -6,12 +6,17 @@ Validation errors name the dotted key, the bad value and the accepted range.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, InputError
+from engine.sizing import parse_area
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+RANDOM_SHAPES = ("auto", "14B", "tiny")
+FP8_SCALINGS = ("tensor", "row")
+ATTENTION_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _check_keys(section: str, raw: dict[str, Any], allowed: set[str]) -> None:
@@ -22,6 +27,10 @@ def _check_keys(section: str, raw: dict[str, Any], allowed: set[str]) -> None:
 
 def _take(section: str, raw: dict[str, Any], key: str, kind: type, default: Any) -> Any:
     value = raw.get(key, default)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{section}.{key}={value!r}: expected true or false")
+        return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -32,6 +41,11 @@ def _take(section: str, raw: dict[str, Any], key: str, kind: type, default: Any)
 def _in_range(name: str, value: float, lo: float, hi: float) -> None:
     if not lo <= value <= hi:
         raise ConfigError(f"{name}={value!r} is out of range: accepted {lo}..{hi}")
+
+
+def _one_of(name: str, value: str, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ConfigError(f"{name}={value!r}: accepted {accepted}")
 
 
 @dataclass(frozen=True)
@@ -56,17 +70,43 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """`[engine]`: which engine runs and where its weights and devices are."""
+    """`[engine]`: which engine runs, where its weights and devices are, and its speed paths."""
 
-    checkpoint: str = ""  # empty: the CPU preview engine (no weights)
+    checkpoint: str = ""  # empty: the CPU preview engine (no weights), unless random_weights
     lora: str = ""  # empty: LiveAvatar/liveavatar.safetensors inside or beside the checkpoint
     lora_alpha: float = 64.0
+    random_weights: bool = False  # the real engine at real shapes with random weights
+    random_shapes: str = "auto"  # auto (14B on CUDA, tiny on CPU) | 14B | tiny
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    text_device: str = "auto"  # where umT5 lives: auto | cpu | the compute device
     audio_left_context_s: float = 4.0  # wav2vec2 window before each block
     audio_lookahead_s: float = 0.16  # and after it (adds this much latency)
     max_sessions: int = 0  # 0: the engine's default (preview 8, wan 1 per process)
+    max_size: str = "704*384"  # the largest size budget sessions may use (plans for it)
+    # speed paths (engine.speed)
+    fp8: bool = False  # e4m3 DiT linears through torch._scaled_mm
+    fp8_scaling: str = "tensor"  # tensor | row (per output channel and per token)
+    attention_backend: str = "auto"  # auto | default | cudnn | flash | efficient | math
+    vae_overlap: bool = True  # decode beside the next block (second CUDA stream / a thread)
+    vae_channels_last: bool = True  # VAE convolutions in NDHWC
+    avatar_cache_mb: int = 4096  # per-avatar set-up results kept on the device; 0: off
+    compile: bool = False  # torch.compile of the DiT layer (4 graphs per size, at start-up)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune...
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    # the speed paths, and their values on the plain path (`avatar bench --baseline`)
+    PLAIN: ClassVar[dict[str, Any]] = {"fp8": False, "attention_backend": "default",
+                                       "vae_overlap": False, "vae_channels_last": False,
+                                       "avatar_cache_mb": 0, "compile": False}
+
+    @classmethod
+    def speed_keys(cls) -> tuple[str, ...]:
+        return tuple(cls.PLAIN)
+
+    def plain(self) -> EngineConfig:
+        """This configuration with every speed path off: the reference the bench compares to."""
+        return replace(self, **self.PLAIN)
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | None) -> EngineConfig:
@@ -75,25 +115,36 @@ class EngineConfig:
         sampling = raw.pop("sampling", {})
         if not isinstance(sampling, dict):
             raise ConfigError(f"[engine.sampling] must be a table, got {sampling!r}")
-        _check_keys(sec, raw, {f.name for f in fields(cls)} - {"sampling"})
-        cfg = cls(
-            checkpoint=_take(sec, raw, "checkpoint", str, cls.checkpoint),
-            lora=_take(sec, raw, "lora", str, cls.lora),
-            lora_alpha=_take(sec, raw, "lora_alpha", float, cls.lora_alpha),
-            device=_take(sec, raw, "device", str, cls.device),
-            dtype=_take(sec, raw, "dtype", str, cls.dtype),
-            audio_left_context_s=_take(sec, raw, "audio_left_context_s", float,
-                                       cls.audio_left_context_s),
-            audio_lookahead_s=_take(sec, raw, "audio_lookahead_s", float, cls.audio_lookahead_s),
-            max_sessions=_take(sec, raw, "max_sessions", int, cls.max_sessions),
-            sampling=SamplingConfig.parse(sampling),
-        )
-        _in_range(f"{sec}.audio_left_context_s", cfg.audio_left_context_s, 0.0, 30.0)
-        _in_range(f"{sec}.audio_lookahead_s", cfg.audio_lookahead_s, 0.0, 2.0)
-        _in_range(f"{sec}.max_sessions", cfg.max_sessions, 0, 256)
-        _in_range(f"{sec}.lora_alpha", cfg.lora_alpha, 1e-6, 1e6)
-        if cfg.dtype not in DTYPES:
-            raise ConfigError(f"engine.dtype={cfg.dtype!r}: accepted {DTYPES}")
-        if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
-            raise ConfigError(f"engine.device={cfg.device!r}: accepted auto, cpu, cuda, cuda:N")
+        names = [f.name for f in fields(cls) if f.name != "sampling"]
+        _check_keys(sec, raw, set(names))
+        defaults = cls()
+        values = {n: _take(sec, raw, n, type(getattr(defaults, n)), getattr(defaults, n))
+                  for n in names}
+        cfg = cls(**values, sampling=SamplingConfig.parse(sampling))
+        cfg.validate()
         return cfg
+
+    def validate(self) -> None:
+        sec = "engine"
+        _in_range(f"{sec}.audio_left_context_s", self.audio_left_context_s, 0.0, 30.0)
+        _in_range(f"{sec}.audio_lookahead_s", self.audio_lookahead_s, 0.0, 2.0)
+        _in_range(f"{sec}.max_sessions", self.max_sessions, 0, 256)
+        _in_range(f"{sec}.lora_alpha", self.lora_alpha, 1e-6, 1e6)
+        _in_range(f"{sec}.avatar_cache_mb", self.avatar_cache_mb, 0, 1 << 20)
+        _one_of(f"{sec}.dtype", self.dtype, DTYPES)
+        _one_of(f"{sec}.random_shapes", self.random_shapes, RANDOM_SHAPES)
+        _one_of(f"{sec}.fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
+        _one_of(f"{sec}.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _one_of(f"{sec}.compile_mode", self.compile_mode, COMPILE_MODES)
+        try:
+            parse_area(self.max_size)
+        except InputError as exc:
+            raise ConfigError(f"{sec}.max_size={self.max_size!r}: {exc}") from None
+        for key in ("device", "text_device"):
+            value = getattr(self, key)
+            if not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
+                raise ConfigError(f"{sec}.{key}={value!r}: accepted auto, cpu, cuda, cuda:N")
+        if self.random_weights and self.checkpoint:
+            raise ConfigError(f"{sec}.random_weights=true and {sec}.checkpoint="
+                              f"{self.checkpoint!r} exclude each other: empty the checkpoint to "
+                              "run random weights, or set random_weights = false")

@@ -12,6 +12,13 @@ the first sample no started block has read with silence, and says where that cut
 server silences exactly the same span of the played audio: no frame made from speech is ever shown
 without its sound, and nothing after the cut is speech.
 
+Pipelined sessions (`engine.api.PipelinedSession`, the Wan engine) split a block in two: the
+engine thread submits block b (its steps are queued on the GPU, its decode after them on a
+second stream) and goes on to block b+1 when its audio is in, while a delivery thread waits for
+block b's own frames and hands them to the event loop the moment they exist, so overlapping the
+decode with the next block's steps costs no latency. At most `max_in_flight` blocks of a session
+are submitted and not yet delivered.
+
 Torch-free: the engine decides what it imports. Results reach the event loop only through
 `loop.call_soon_threadsafe`; commands reach the thread only through a queue (audio is never
 dropped: the loop drains the queue every iteration).
@@ -39,6 +46,8 @@ from engine.api import (
     Engine,
     EngineSession,
     FrameBlock,
+    PendingBlock,
+    PipelinedSession,
     SessionParams,
     session_info,
 )
@@ -73,6 +82,7 @@ class _Slot:
     on_block: Callable[[FrameBlock], None]
     on_error: Callable[[BaseException], None]
     block: int = 0
+    in_flight: int = 0  # submitted, not yet delivered
     compute: deque[float] = field(default_factory=lambda: deque(maxlen=20))
 
     def load(self) -> float:
@@ -85,7 +95,7 @@ class EngineRuntime:
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, max_sessions: int,
                  lookahead_s: float = 0.0, grace_s: float = 0.05, max_lag_blocks: int = 2,
-                 max_ahead_s: float = 1.0, max_load: float = 0.85):
+                 max_ahead_s: float = 1.0, max_load: float = 0.85, max_in_flight: int = 2):
         self.engine = engine
         self.loop = loop
         self.max_sessions = max_sessions
@@ -94,6 +104,7 @@ class EngineRuntime:
         self.max_lag_blocks = max_lag_blocks
         self.max_ahead_s = max_ahead_s
         self.max_load = max_load
+        self.max_in_flight = max_in_flight
         self.stats = RuntimeStats()
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._slots: dict[str, _Slot] = {}
@@ -104,7 +115,12 @@ class EngineRuntime:
         # sessions are set up on their own thread: seconds of VAE/T5/prefill work for the real
         # model must not stall the blocks of the sessions already running
         self._opener = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-open")
+        # blocks submitted by pipelined sessions, in submission order; None stops the thread
+        self._deliveries: queue.Queue[tuple[_Slot, PendingBlock] | None] = queue.Queue()
+        self._deliverer = threading.Thread(target=self._deliver, name="engine-deliver",
+                                           daemon=True)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._deliverer.start()
         self._thread.start()
 
     # 1. the event-loop side ---------------------------------------------------------------
@@ -169,6 +185,8 @@ class EngineRuntime:
         self._commands.put(("stop", None))
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._thread.join, 30.0)
+        self._deliveries.put(None)  # after the engine thread: nothing is submitted any more
+        await loop.run_in_executor(None, self._deliverer.join, 30.0)
         self._opener.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -268,6 +286,18 @@ class EngineRuntime:
                 self._abandoned.add(arg)  # its open may still be under way
         elif kind == "forget":
             self._abandoned.discard(arg)
+        elif kind == "delivered":
+            sid, block = arg
+            slot = self._slots.get(sid)
+            if slot is not None:
+                slot.in_flight -= 1
+                slot.compute.append(block.timings.busy)
+                self._count(block, block.timings.busy)
+        elif kind == "failed":
+            sid, error = arg
+            slot = self._slots.get(sid)
+            if slot is not None:
+                self._fail(slot, error)
         elif kind == "stop":
             self._stopping = True
 
@@ -291,6 +321,8 @@ class EngineRuntime:
         """The due session with the earliest deadline, if any."""
         due = []
         for slot in self._slots.values():
+            if slot.in_flight >= self.max_in_flight:
+                continue  # wait for its oldest block's frames
             earliest = slot.t0 + slot.block * BLOCK_SECONDS - self.max_ahead_s
             if now < earliest:
                 continue
@@ -310,14 +342,44 @@ class EngineRuntime:
                 self.stats.skipped_blocks += target - slot.block
                 slot.session.seek(target)
                 slot.block = target
-            block = slot.session.next_block(pad_silence=not slot.session.ready())
+            pad = not slot.session.ready()
+            if isinstance(slot.session, PipelinedSession):
+                pending = slot.session.submit_block(pad_silence=pad)
+                slot.block = pending.index + 1
+                slot.in_flight += 1
+                self._deliveries.put((slot, pending))
+                return
+            block = slot.session.next_block(pad_silence=pad)
         except Exception as exc:
             self._fail(slot, exc)
             return
         spent = time.monotonic() - started
         slot.compute.append(spent)
         slot.block = block.index + 1
+        self._count(block, spent)
+        self.loop.call_soon_threadsafe(slot.on_block, block)
+
+    def _count(self, block: FrameBlock, spent: float) -> None:
         self.stats.blocks += 1
         self.stats.silent_blocks += int(block.silent_samples > 0)
         self.stats.block_seconds_total += spent
-        self.loop.call_soon_threadsafe(slot.on_block, block)
+
+    # 4. the delivery thread -----------------------------------------------------------------
+
+    def _deliver(self) -> None:
+        """Hand each submitted block to the event loop the moment its frames exist, in order."""
+        while True:
+            item = self._deliveries.get()
+            if item is None:
+                return
+            slot, pending = item
+            try:
+                block = pending.result()  # waits (without the GIL) for this block alone
+            except Exception as exc:
+                self._commands.put(("failed", (slot.sid, exc)))
+                continue
+            with self._lock:
+                alive = self._slots.get(slot.sid) is slot
+            if alive:  # a closed session's last blocks are dropped, not delivered
+                self.loop.call_soon_threadsafe(slot.on_block, block)
+            self._commands.put(("delivered", (slot.sid, block)))

@@ -14,8 +14,8 @@ from engine.errors import InputError
 DIVISOR = 64
 
 
-def parse_area(size: str) -> int:
-    """'704*384' (or '704x384') -> 270336 pixels."""
+def parse_size(size: str) -> tuple[int, int]:
+    """'704*384' (or '704x384') -> (704, 384): (width, height)."""
     parts = size.lower().replace("x", "*").split("*")
     try:
         w, h = (int(p) for p in parts)
@@ -23,6 +23,12 @@ def parse_area(size: str) -> int:
         raise InputError(f"size {size!r}: expected WIDTH*HEIGHT such as '704*384'") from None
     if w < DIVISOR or h < DIVISOR:
         raise InputError(f"size {size!r}: both sides must be at least {DIVISOR}")
+    return w, h
+
+
+def parse_area(size: str) -> int:
+    """'704*384' (or '704x384') -> 270336 pixels."""
+    w, h = parse_size(size)
     return w * h
 
 

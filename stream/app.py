@@ -102,6 +102,9 @@ class Server:
                 log.warning("no [engine] checkpoint configured: serving the PREVIEW engine (no "
                             "model; the mouth follows the loudness). Set [engine] checkpoint "
                             "to the Wan2.2-S2V-14B folder for the real avatar.")
+            if getattr(engine, "random_weights", False):
+                log.warning("serving RANDOM WEIGHTS: the real engine at real shapes without a "
+                            "checkpoint; the video is noise (for measuring speed and memory)")
             log.info("engine ready: %s", engine.description)
         except Exception as exc:
             self.loading_error = str(exc)
@@ -313,6 +316,7 @@ def _session_info(srv: Server, session: Any) -> dict[str, Any]:
     return {
         **session.describe(),
         "engine": {"name": engine.name, "preview": engine.name == "preview",
+                   "random_weights": bool(getattr(engine, "random_weights", False)),
                    "description": engine.description},
         "ice_servers": ice_servers_json(srv.cfg.webrtc),
     }
@@ -469,7 +473,9 @@ async def readyz(request: web.Request) -> web.Response:
     capacity = max(0, runtime.max_sessions - runtime.active)
     return web.json_response({
         "ready": True, "status": "ready", "engine": engine.name,
-        "preview": engine.name == "preview", "description": engine.description,
+        "preview": engine.name == "preview",
+        "random_weights": bool(getattr(engine, "random_weights", False)),
+        "description": engine.description,
         "sessions": runtime.active, "capacity": capacity, "load": round(runtime.load(), 3),
     })
 

@@ -176,6 +176,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                    help="generation pixel-area budget W*H; aspect follows the image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="no checkpoint: the real engine at real shapes with random weights "
+                        "(the video is noise; for measuring)")
     p.set_defaults(func=run_command)
 
 
@@ -184,12 +187,15 @@ def run_command(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.errors import EngineError
     from stream.config import load_toml
+    from stream.server import with_random_weights
 
     raw = load_toml(args.config).get("engine", {}) if args.config else {}
     try:
         config = EngineConfig.parse(raw)
         if args.ckpt:
             config = EngineConfig.parse({**raw, "checkpoint": args.ckpt})
+        if args.random_weights:
+            config = with_random_weights(config)
         image = read_image(args.image)
         audio = read_audio(args.audio)
         aac = read_audio(args.audio, rate=AAC_RATE)

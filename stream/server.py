@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
-from engine.api import ConfigError
+from engine.api import ConfigError, EngineConfig
 from stream.app import AccessLogger, build_app
 from stream.config import StreamConfig
 
@@ -22,6 +23,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                    help="config.toml (default: ./config.toml if present, else built-in defaults)")
     p.add_argument("--host", default=None, help="override [server] host")
     p.add_argument("--port", type=int, default=None, help="override [server] port")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the real engine at real shapes with random weights and no checkpoint "
+                        "(to run and measure the server on a GPU without the weights)")
     p.set_defaults(func=run_command)
 
 
@@ -32,12 +36,27 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.random_weights:
+        cfg = dataclasses.replace(cfg, engine=with_random_weights(cfg.engine))
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
-    engine = f"the model at {cfg.engine.checkpoint}" if cfg.engine.checkpoint else (
-        "the PREVIEW engine (no checkpoint configured)")
+    if cfg.engine.random_weights:
+        engine = "RANDOM WEIGHTS (the real engine at real shapes, no checkpoint: video is noise)"
+    elif cfg.engine.checkpoint:
+        engine = f"the model at {cfg.engine.checkpoint}"
+    else:
+        engine = "the PREVIEW engine (no checkpoint configured)"
     print(f"avatar server on http://{host}:{port}/call with {engine}; config: "
           f"{path or 'built-in defaults'}", flush=True)
     web.run_app(build_app(cfg), host=host, port=port, print=None, shutdown_timeout=5.0,
                 access_log_class=AccessLogger)
     return 0
+
+
+def with_random_weights(engine: EngineConfig) -> EngineConfig:
+    """`--random-weights`: the same [engine] settings, with random weights instead of weights."""
+    if engine.checkpoint:
+        log.warning("--random-weights: ignoring [engine] checkpoint = %r", engine.checkpoint)
+    out = dataclasses.replace(engine, checkpoint="", random_weights=True)
+    out.validate()
+    return out

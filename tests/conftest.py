@@ -1,5 +1,6 @@
 """Shared fixtures: tiny checkpoints written by the project's own CLI, and test media made here
-(tests/media.py): nothing outside the repository is read."""
+(tests/media.py, imported only by the fixtures that make media): nothing outside the repository
+is read."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from tests import media
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -58,6 +57,8 @@ class Example:
 def examples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Example]:
     """A landscape (720x400) and a portrait (400x720) drawn face, each with espeak-ng speech:
     the shapes of the real examples users try by hand."""
+    from tests import media  # (PyAV: not needed by the GPU tests, not on every GPU image)
+
     folder = tmp_path_factory.mktemp("media")
     try:
         speech = media.espeak_wav(folder / "speech.wav")

@@ -1,5 +1,7 @@
 // The speaker's page: sends the microphone, shows the avatar (audio muted by default).
-import { api, createSession, params, readStats, showStats, waitForIceGathering } from './common.js';
+import {
+  api, createSession, params, readStats, showEngineBadge, showStats, waitForIceGathering,
+} from './common.js';
 
 const $ = (id) => document.getElementById(id);
 const video = $('avatar');
@@ -27,7 +29,7 @@ async function start() {
       session = await createSession(params.get('size') ? { size: params.get('size') } : {});
     }
     const { session_id: sid, token } = session;
-    if (session.engine && session.engine.preview) $('badge').hidden = false;
+    showEngineBadge($('badge'), session.engine);
     const face = session.avatar && session.avatar.face;
     if (face && face.found === false) {  // the preview found no face: it shows the picture still
       $('badge').textContent = 'PREVIEW ENGINE · NO FACE FOUND';

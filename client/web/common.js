@@ -67,3 +67,13 @@ export function showStats(el, s) {
   el.textContent = `${s.fps ? s.fps.toFixed(0) : 0} fps · ${s.width}×${s.height} · ` +
     `latency ${fmt(s.latencyMs, ' ms')} · A/V ${fmt(s.avOffsetMs, ' ms')} · ${s.codec}`;
 }
+
+// Label what is generating the video: the preview engine (no model) or random weights (real
+// engine, no checkpoint: noise). `engine` is the session info's engine object.
+export function showEngineBadge(element, engine) {
+  if (!element || !engine) return;
+  const text = engine.random_weights ? 'RANDOM WEIGHTS' : engine.preview ? 'PREVIEW ENGINE' : '';
+  element.textContent = text;
+  element.title = engine.description || '';
+  element.hidden = !text;
+}

@@ -1,6 +1,6 @@
 // The OBS browser source / viewer page: full-bleed video, no controls; audio with ?audio=1.
 // Plays the session over WHEP and reconnects by itself if the connection drops.
-import { api, params, readStats, waitForIceGathering } from './common.js';
+import { api, params, readStats, showEngineBadge, waitForIceGathering } from './common.js';
 
 const video = document.getElementById('avatar');
 const message = document.getElementById('message');
@@ -16,8 +16,10 @@ function show(text) { message.textContent = text; message.hidden = !text; }
 
 async function connect() {
   if (servers === null) {  // the server's ICE (STUN/TURN) configuration
-    const info = await api(`/v1/sessions/${sid}`, { headers: { Authorization: `Bearer ${token}` } });
-    servers = (await info.json()).ice_servers || [];
+    const info = await (await api(`/v1/sessions/${sid}`, {
+      headers: { Authorization: `Bearer ${token}` } })).json();
+    servers = info.ice_servers || [];
+    showEngineBadge(document.getElementById('badge'), info.engine);
   }
   pc = new RTCPeerConnection({ iceServers: servers });
   pc.addTransceiver('video', { direction: 'recvonly' });

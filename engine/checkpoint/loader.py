@@ -34,7 +34,6 @@ from engine.progress import ProgressFn
 log = logging.getLogger(__name__)
 
 
-
 def _refuse(report: ComponentReport) -> CheckpointError:
     return CheckpointError(f"cannot load {report.name}:\n{report.format()}", report)
 
@@ -51,7 +50,8 @@ def set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise KeyError(f"{key} is neither a parameter nor a buffer")
 
 
-def _finish(model: nn.Module, label: str) -> None:
+def finish_module(model: nn.Module, label: str) -> None:
+    """Refuse a model with tensors still on the meta device; freeze it for inference."""
     left = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
     if left:
         raise CheckpointError(f"{label}: {len(left)} tensors were never loaded, e.g. {left[:3]}")
@@ -124,7 +124,7 @@ def load_dit(layout: CheckpointLayout, device: torch.device | str, dtype: torch.
                         t = merged_weight(t, lora_f.get_tensor(roles["A"]),
                                           lora_f.get_tensor(roles["B"]), alpha)
                     set_tensor(model, key, t)
-    _finish(model, "dit")
+    finish_module(model, "dit")
     return model
 
 
@@ -143,7 +143,7 @@ def load_vae(layout: CheckpointLayout, device: torch.device | str, dtype: torch.
     for key, t in sd.items():
         counter.add(t)
         set_tensor(model, key, t.to(device=device, dtype=dtype))
-    _finish(model, "vae")
+    finish_module(model, "vae")
     return model
 
 
@@ -166,7 +166,7 @@ def load_text_encoder(layout: CheckpointLayout, device: torch.device | str, dtyp
         set_tensor(model, text_model.wan_to_hf_key(key), t.to(device=device, dtype=dtype))
     # the input embedding is tied to `shared`
     model.encoder.embed_tokens = model.shared
-    _finish(model, "t5")
+    finish_module(model, "t5")
     return text_model.TextEncoder(model, tokenizer, text_len)
 
 
@@ -195,7 +195,7 @@ def load_wav2vec(layout: CheckpointLayout, device: torch.device | str, dtype: to
     else:
         for key, t in load_pth_mmap(w2v.weights, "wav2vec2 weights").items():
             assign(key, t)
-    _finish(model, "wav2vec2")
+    finish_module(model, "wav2vec2")
     return audio_model.Wav2Vec2Features(model)
 
 
@@ -213,6 +213,7 @@ class EngineModels:
     wav2vec: audio_model.Wav2Vec2Features
     device: torch.device
     dtype: torch.dtype
+    random_weights: bool = False  # built by engine.random_weights: real shapes, noise out
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -227,16 +228,27 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     return dev, getattr(torch, dtype)
 
 
+def resolve_text_device(text_device: str, device: torch.device) -> torch.device:
+    """Where umT5 runs: 'auto' is the compute device (on a GPU the memory check may move it to
+    the CPU instead, see engine.memory.fit_engine), else the named device."""
+    if text_device == "auto":
+        return device
+    return torch.device(text_device)
+
+
 def load_models(checkpoint: str | Path, device: torch.device, dtype: torch.dtype,
                 lora: str | Path | None = None, lora_alpha: float = 64.0,
+                text_device: torch.device | None = None,
                 progress: ProgressFn | None = None) -> EngineModels:
-    """Load and check every component. wav2vec2 stays float32 (small, precision-sensitive)."""
+    """Load and check every component. wav2vec2 stays float32 (small, precision-sensitive);
+    umT5 goes to `text_device` (default: `device`)."""
     layout = CheckpointLayout.at(checkpoint)
     started = time.monotonic()
     dit = load_dit(layout, device, dtype, lora=lora or None, lora_alpha=lora_alpha,
                    progress=progress)
     vae = load_vae(layout, device, dtype, progress=progress)
-    text = load_text_encoder(layout, device, dtype, text_len=dit.cfg.text_len, progress=progress)
+    text = load_text_encoder(layout, text_device or device, dtype, text_len=dit.cfg.text_len,
+                             progress=progress)
     wav2vec = load_wav2vec(layout, device, torch.float32, progress=progress)
     log.info("loaded %s on %s (%s) in %.1f s", layout.root, device, dtype,
              time.monotonic() - started)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -122,7 +123,11 @@ def _write_t5(root: Path, gen: torch.Generator, dims: text_model.UMT5Dims) -> No
     torch.save(sd, root / names.T5)
 
 
-def _write_tokenizer(root: Path) -> None:
+def build_tokenizer() -> Any:
+    """A small Unigram tokenizer with umT5's special tokens (a `tokenizers.Tokenizer`).
+
+    Random-weight engines use it in memory; its ids fit the tiny embedding and any larger one.
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
@@ -136,10 +141,17 @@ def _write_tokenizer(root: Path) -> None:
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "</s>", "<unk>")])
+    return tok
+
+
+TOKENIZER_SPECIAL = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def _write_tokenizer(root: Path) -> None:
     folder = root / names.TOKENIZER
     folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    build_tokenizer().save(str(folder / "tokenizer.json"))
+    special = TOKENIZER_SPECIAL
     with (folder / "tokenizer_config.json").open("w") as f:
         json.dump({"tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 0,
                    "additional_special_tokens": [], **special}, f, indent=2)

@@ -111,16 +111,28 @@ class AudioTokens:
 
 @dataclass
 class SinkKV:
-    """Un-roped K/V of the sink (reference + motion tokens) per layer, and their layout.
+    """Un-roped K/V of the sink (reference + motion tokens) of every layer, and their layout.
 
-    keys/values: per layer [B, Ls, Hn, Dh]. The first `ref_tokens` tokens are the reference
-    image; `positions` [Ls, 3] are the RoPE positions used at prefill (ref at `ref_time`).
+    keys/values: [layers, B, Ls, Hn, Dh] (`keys[i]` is layer i). The first `ref_tokens` tokens
+    are the reference image; `positions` [Ls, 3] are the RoPE positions used at prefill (ref at
+    `ref_time`). Read-only once made: sessions and caches may share one.
     """
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    keys: torch.Tensor
+    values: torch.Tensor
     ref_tokens: int
     positions: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def reference_only(self) -> SinkKV:
+        """The reference tokens alone (copied): all a step needs once its buffer holds the
+        motion tokens, since only the reference keys move with the rolling sink."""
+        n = self.ref_tokens
+        return SinkKV(self.keys[:, :, :n].clone(), self.values[:, :, :n].clone(), n,
+                      self.positions[:n].copy())
 
     def positions_with_ref_at(self, ref_t: int) -> np.ndarray:
         pos = self.positions.copy()
@@ -143,16 +155,21 @@ class SelfAttention(Protocol):
 
 
 class SinkPrefill:
-    """Self-attention of the sink pass: sink tokens attend only to each other; records K/V."""
+    """Self-attention of the sink pass: sink tokens attend only to each other; records K/V
+    into [layers, ...] buffers allocated at the first layer (no per-layer list to stack)."""
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, layers: int):
         self.cos, self.sin = cos, sin
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.layers = layers
+        self.keys = torch.empty(0)
+        self.values = torch.empty(0)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.keys.append(k)
-        self.values.append(v)
+        if layer == 0:
+            self.keys = k.new_empty(self.layers, *k.shape)
+            self.values = v.new_empty(self.layers, *v.shape)
+        self.keys[layer] = k
+        self.values[layer] = v
         return attend(apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin), v)
 
 
@@ -338,7 +355,7 @@ class WanS2VDiT(nn.Module):
         b = tokens.shape[0]
         _, e0 = self.time_embedding_of(torch.zeros(b, 1, device=tokens.device))
         cos, sin = rope_cos_sin(positions, self.cfg.rope_bands, tokens.device)
-        attn = SinkPrefill(cos, sin)
+        attn = SinkPrefill(cos, sin, len(self.blocks))
         x = tokens[:, None]  # [B, 1, Ls, D]: one modulation group
         for i, block in enumerate(self.blocks):
             x = block(x, e0, i, attn, text.keys[i], text.values[i])
@@ -364,10 +381,12 @@ class WanS2VDiT(nn.Module):
     # 4c. one denoising step -----------------------------------------------------------------
 
     def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, audio: AudioTokens,
-                text: TextKV, attn: SelfAttention, cond: torch.Tensor | None = None) -> torch.Tensor:
+                text: TextKV, attn: SelfAttention, cond: torch.Tensor | None = None,
+                layers: LayerRunner | None = None) -> torch.Tensor:
         """Velocity of a noisy block. latents [B, 16, F, H, W]; timestep [B] (0..1000).
 
         `attn` decides what the block attends to (its KV ring + sink); it applies RoPE.
+        `layers` runs the blocks and audio injections (e.g. compiled); default: as they are.
         Returns the flow prediction [B, 16, F, H, W] in float32.
         """
         b, _, f, hh, ww = latents.shape
@@ -380,9 +399,16 @@ class WanS2VDiT(nn.Module):
         x = x + self.trainable_cond_mask.weight[0]
         e, e0 = self.time_embedding_of(timestep.reshape(b, 1).expand(b, f))
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, i, attn, text.keys[i], text.values[i])
+            if layers is None:
+                x = block(x, e0, i, attn, text.keys[i], text.values[i])
+            else:
+                x = layers.block(block, x, e0, i, attn, text.keys[i], text.values[i])
             if i in self.injector_of:
-                x = self._inject_audio(self.injector_of[i], x, audio)
+                j = self.injector_of[i]
+                if layers is None:
+                    x = self._inject_audio(j, x, audio)
+                else:
+                    x = layers.inject(*self._injector(j), x, audio.local, audio.glob)
         return self.unpatchify(self.head(x, e), hh, ww)
 
     def unpatchify(self, out: torch.Tensor, hh: int, ww: int) -> torch.Tensor:
@@ -394,20 +420,12 @@ class WanS2VDiT(nn.Module):
         out = out.view(b, f, hh // 2, ww // 2, 2, 2, self.cfg.out_dim)
         return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.cfg.out_dim, f, hh, ww)
 
-    def _inject_audio(self, j: int, x: torch.Tensor, audio: AudioTokens) -> torch.Tensor:
-        # x: [B, F, T, D]; each latent frame attends to its own 5 audio tokens
-        b, f, t, d = x.shape
+    def _injector(self, j: int) -> tuple[nn.Module, nn.Module | None]:
         inj = self.audio_injector
-        flat = x.reshape(b * f, t, d)
-        if inj.enable_adain:
-            assert audio.glob is not None, "enable_adain needs the global audio token"
-            h = inj.injector_adain_layers[j](flat, audio.glob.reshape(b * f, d))
-        else:
-            h = _layer_norm(flat, 1e-6)
-        attn = inj.injector[j]
-        k, v = attn.project_kv(audio.local.reshape(b * f, -1, d))
-        y = attn.project_out(attend(attn.project_q(h), k, v))
-        return x + y.view(b, f, t, d)
+        return inj.injector[j], inj.injector_adain_layers[j] if inj.enable_adain else None
+
+    def _inject_audio(self, j: int, x: torch.Tensor, audio: AudioTokens) -> torch.Tensor:
+        return inject_audio(*self._injector(j), x, audio.local, audio.glob)
 
     # 4d. documented-shape entry point ----------------------------------------------------------
 
@@ -443,6 +461,32 @@ class BlockAttention:
         k = apply_rope(k, *self.q_rope)
         sk = apply_rope(self.sink.keys[layer], *self.s_rope)
         return attend(q, torch.cat([k, sk], dim=1), torch.cat([v, self.sink.values[layer]], dim=1))
+
+
+def inject_audio(attn: Attention, adain: nn.Module | None, x: torch.Tensor, local: torch.Tensor,
+                 glob: torch.Tensor | None) -> torch.Tensor:
+    """One audio injection: each latent frame's tokens x [B, F, T, D] attend to that frame's
+    audio tokens local [B, F, T_a, D], after an AdaLN on the global token glob [B, F, D]."""
+    b, f, t, d = x.shape
+    flat = x.reshape(b * f, t, d)
+    if adain is not None:
+        assert glob is not None, "enable_adain needs the global audio token"
+        h = adain(flat, glob.reshape(b * f, d))
+    else:
+        h = _layer_norm(flat, 1e-6)
+    k, v = attn.project_kv(local.reshape(b * f, -1, d))
+    y = attn.project_out(attend(attn.project_q(h), k, v))
+    return x + y.view(b, f, t, d)
+
+
+class LayerRunner(Protocol):
+    """How `denoise` runs its repeated parts (`engine.speed.compile` compiles them)."""
+
+    def block(self, block: DiTBlock, x: torch.Tensor, e0: torch.Tensor, layer: int,
+              attn: SelfAttention, text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor: ...
+
+    def inject(self, attn: Attention, adain: nn.Module | None, x: torch.Tensor,
+               local: torch.Tensor, glob: torch.Tensor | None) -> torch.Tensor: ...
 
 
 def expected_state_dict_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:

@@ -7,7 +7,8 @@ time is the complex conjugate of the positive one, which is exactly a rotation b
 
 There is deliberately no precomputed table: angles are computed per call in float64 from int64
 positions, so a stream can run for days (positions in the millions) without running off a table
-or losing precision; only cos/sin are cast to float32.
+or losing precision; only cos/sin are cast to float32. `rope_cos_sin` does it on the host from
+numpy positions; `RopeAngles` does the same on the device (what a streaming block uses).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from engine.transfer import to_device
 
 THETA = 10000.0
 
@@ -70,20 +73,47 @@ def rope_cos_sin(
     angles = np.concatenate(
         [np.outer(pos[:, 0], ft), np.outer(pos[:, 1], fh), np.outer(pos[:, 2], fw)], axis=1
     )  # [L, c] float64
-    cos = torch.from_numpy(np.cos(angles).astype(np.float32))
-    sin = torch.from_numpy(np.sin(angles).astype(np.float32))
-    return cos.to(device), sin.to(device)
+    return (to_device(np.cos(angles).astype(np.float32), device),
+            to_device(np.sin(angles).astype(np.float32), device))
+
+
+class RopeAngles:
+    """cos/sin of any positions, computed on `device` in float64 from int64 positions.
+
+    Holds only the per-band inverse frequencies (copied to the device once), so angles for a
+    block are a handful of kernels with no host work and no transfer; the arithmetic is that of
+    `rope_cos_sin` (float64 products and cos/sin, then float32).
+    """
+
+    def __init__(self, bands: RopeBands, device: torch.device | str):
+        self.bands = bands
+        self.device = torch.device(device)
+        self.inv = tuple(torch.from_numpy(f).to(self.device) for f in bands.inv_freqs())
+
+    def of(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 positions [L, 3] on the device -> (cos, sin), each float32 [L, head_dim/2]."""
+        pos = positions.to(torch.float64)
+        angles = torch.cat([pos[:, i:i + 1] * self.inv[i][None] for i in range(3)], dim=1)
+        return torch.cos(angles).float(), torch.sin(angles).float()
+
+    def grid(self, t0: int, frames: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angles of the (t, h, w) grid [t0, t0 + frames) x [0, h) x [0, w) in (t, h, w) order,
+        as `grid_positions` lays it out."""
+        dev = self.device
+        tt, hh, ww = torch.meshgrid(torch.arange(t0, t0 + frames, device=dev),
+                                    torch.arange(h, device=dev), torch.arange(w, device=dev),
+                                    indexing="ij")
+        return self.of(torch.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)], dim=1))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x [B, L, H, Dh] by angles (cos, sin) [L, Dh/2]; float32 math.
+    """Rotate adjacent pairs of x [..., L, H, Dh] by angles (cos, sin) [L, Dh/2]; float32 math.
 
-    Returns the same dtype as x.
+    Returns the same dtype as x. Leading dims (batch, or layers and batch) broadcast.
     """
-    b, seq, heads, dh = x.shape
-    xf = x.float().view(b, seq, heads, dh // 2, 2)
-    xe, xo = xf[..., 0], xf[..., 1]  # [B, L, H, c]
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
-    out = torch.stack((xe * c - xo * s, xe * s + xo * c), dim=-1)  # [B, L, H, c, 2]
-    return out.view(b, seq, heads, dh).to(x.dtype)
+    xf = x.float().unflatten(-1, (-1, 2))
+    xe, xo = xf[..., 0], xf[..., 1]  # [..., L, H, c]
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    out = torch.stack((xe * c - xo * s, xe * s + xo * c), dim=-1)  # [..., L, H, c, 2]
+    return out.flatten(-2).to(x.dtype)

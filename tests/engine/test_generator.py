@@ -115,6 +115,6 @@ def test_sixteen_minutes_cross_the_rope_table_in_flat_memory(tiny_models, exampl
         assert block.first_frame == 12 * b
         if b in (100, 1999):
             state[b], rss[b] = gen.state_nbytes(), rss_mb()
-    assert gen.stages[0].ring.written == 6000  # latent frames: past 1024 (and wrapping the ring)
+    assert gen.stages[0].kv.written == 6000  # latent frames: past 1024 (and wrapping the ring)
     assert abs(state[1999] - state[100]) <= 4 * chunk * 4  # audio buffer jitter only
     assert rss[1999] - rss[100] < 10.0, rss

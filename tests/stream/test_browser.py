@@ -74,6 +74,8 @@ async def test_call_and_obs_pages(running: Running, chromium_args: list[str]) ->
             overlay = await call_page.text_content("#stats")
             assert "fps" in overlay and "256×128" in overlay and "A/V" in overlay
             assert await call_page.is_visible("#badge")  # the preview engine is labelled
+            assert await call_page.text_content("#badge") == "PREVIEW ENGINE"
+            assert await obs_page.text_content("#badge") == "PREVIEW ENGINE"
 
             session = next(iter(running.manager.sessions.values()))
             assert {p.kind for p in session.peers.values()} == {"caller", "whep"}

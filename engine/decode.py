@@ -1,0 +1,164 @@
+"""Decoding a block's latents into uint8 frames on the host, inline or overlapped.
+
+The VAE does not depend on the next block's denoising, so with `[engine] vae_overlap` it runs
+beside it: on a GPU on a second CUDA stream (which waits for the block's last step through an
+event), on a CPU on one worker thread. Frames become uint8 on the device and are copied into
+pinned host memory without blocking; a block's frames are handed over the moment its own decode
+has finished (`PendingDecode.done()`), not one block later.
+
+One `DecodeQueue` per engine: decodes of all its sessions run in submission order, so a decode
+cache (per session) or a cached warm-up state (per avatar) made by one job is ready for the next.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.models.vae import CausalCache, WanVAE
+from engine.timing import StageClock
+
+MODES = ("sync", "stream", "thread")
+
+
+@dataclass
+class DecodedFrames:
+    """A decode job's result: frames (pinned host memory on a GPU) and its clock."""
+
+    frames: torch.Tensor  # uint8 [T, H, W, 3] on the host
+    clock: StageClock  # marks "decode_start", "decode", "postprocess"
+
+
+class PendingDecode:
+    """A submitted decode: `done()` never waits; `result()` waits for it."""
+
+    def __init__(self, value: DecodedFrames | None = None,
+                 event: torch.cuda.Event | None = None,
+                 future: concurrent.futures.Future[DecodedFrames] | None = None):
+        self._value, self._event, self._future = value, event, future
+
+    def done(self) -> bool:
+        if self._future is not None:
+            return self._future.done()
+        return self._event is None or bool(self._event.query())
+
+    def result(self) -> DecodedFrames:
+        if self._future is not None:
+            return self._future.result()
+        if self._event is not None:
+            self._event.synchronize()
+        assert self._value is not None
+        return self._value
+
+
+class DecodeQueue:
+    """Where decode jobs run: "sync" (inline), "stream" (a second CUDA stream), "thread"."""
+
+    def __init__(self, mode: str, device: torch.device):
+        if mode not in MODES:
+            raise ValueError(f"decode mode {mode!r}: accepted {MODES}")
+        if mode == "stream" and device.type != "cuda":
+            raise ValueError(f"decode mode 'stream' needs a CUDA device, not {device}")
+        self.mode = mode
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if mode == "stream" else None
+        self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-vae")
+                      if mode == "thread" else None)
+
+    @classmethod
+    def for_device(cls, device: torch.device, overlap: bool) -> DecodeQueue:
+        if not overlap:
+            return cls("sync", device)
+        return cls("stream" if device.type == "cuda" else "thread", device)
+
+    @property
+    def overlapped(self) -> bool:
+        return self.mode != "sync"
+
+    def submit(self, job: Callable[[], DecodedFrames], inputs: tuple[torch.Tensor, ...] = ()
+               ) -> PendingDecode:
+        """Run `job` after everything already queued on the current stream (its `inputs` were
+        made there)."""
+        if self.mode == "sync":
+            return PendingDecode(job())
+        if self.mode == "thread":
+            assert self._pool is not None
+            return PendingDecode(future=self._pool.submit(_no_grad, job))
+        assert self.stream is not None
+        ready = torch.cuda.Event()
+        ready.record()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            for t in inputs:  # made on the compute stream, read here: keep them alive for us
+                t.record_stream(self.stream)
+            value = job()
+            done = torch.cuda.Event(blocking=True)  # waiting threads sleep, not spin
+            done.record(self.stream)
+        return PendingDecode(value, event=done)
+
+    def run(self, job: Callable[[], Any], inputs: tuple[torch.Tensor, ...] = ()) -> None:
+        """Queue work whose result nobody waits for (a decoder warm-up)."""
+        self.submit(lambda: (job(), _EMPTY)[1], inputs)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _no_grad(job: Callable[[], DecodedFrames]) -> DecodedFrames:
+    with torch.inference_mode():  # inference mode is per thread
+        return job()
+
+
+_EMPTY = DecodedFrames(torch.empty(0, dtype=torch.uint8), StageClock(torch.device("cpu")))
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the same device."""
+    x = ((pixels[0].float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous()
+
+
+def decode_block(vae: WanVAE, latents: torch.Tensor, cache: CausalCache,
+                 channels_last: bool = False) -> DecodedFrames:
+    """Latents [1, 16, F, h, w] (model dtype) -> uint8 frames on the host, one latent frame per
+    decoder call (the causal cache makes that equal to one call; it keeps the activations of
+    only 4 frames alive)."""
+    clock = StageClock(latents.device)
+    clock.mark("decode_start")
+    parts = []
+    for i in range(latents.shape[2]):
+        z = latents[:, :, i:i + 1]
+        if channels_last:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
+        parts.append(vae.decode(z, cache))
+    pixels = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    clock.mark("decode")
+    frames = to_uint8(pixels)
+    if frames.device.type == "cuda":
+        host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(frames, non_blocking=True)
+        frames = host
+    clock.mark("postprocess")
+    return DecodedFrames(frames, clock)
+
+
+def frames_to_numpy(frames: torch.Tensor) -> np.ndarray:
+    """The host frames as numpy (shares the pinned memory; it stays alive with the array)."""
+    return frames.cpu().numpy()
+
+
+def use_channels_last(vae: WanVAE) -> None:
+    """Store the VAE's convolution weights channels-last (NDHWC / NHWC), the layout cuDNN's
+    bf16 convolutions run natively; in place, idempotent."""
+    with torch.no_grad():
+        for mod in vae.modules():
+            if isinstance(mod, torch.nn.Conv3d):
+                mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            elif isinstance(mod, torch.nn.Conv2d):
+                mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,118 @@
+"""FP8 (e4m3) linear layers for the DiT: weights quantised once at load, activations per call.
+
+The GEMM is `torch._scaled_mm(x_fp8, w_fp8.T, scale_x, scale_w)`: each operand is stored as
+e4m3 values q with a float32 scale s such that the operand is about q * s, and the product is
+accumulated in higher precision and returned in the activation's dtype. Two scalings:
+
+- "tensor" (what Live-Avatar ships): one scale for the whole weight (amax / 448) and one for the
+  whole activation, computed on the device at every call (no host sync);
+- "row": one scale per output channel of the weight and per token of the activation; more
+  accurate for activations with outlier tokens, and as fast on Hopper.
+
+What stays in bf16/fp32, as upstream: the embeddings (patch, text, time, cond, FramePack), the
+time projection, the head, every norm and modulation, and the whole causal audio encoder (its
+`final_linear` included); quantised: self- and text cross-attention q/k/v/o, the FFN, and the
+audio injector's attentions and AdaLN linears.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+SCALINGS = ("tensor", "row")
+
+# nn.Linear modules under these names are left in the compute dtype (upstream's exclusions)
+KEEP_PRECISION = ("text_embedding", "time_embedding", "time_projection", "head.head",
+                  "casual_audio_encoder")
+
+
+def quantize(x: torch.Tensor, scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 scale: [] for "tensor", [M, 1] for "row").
+
+    x is about q * scale. amax is taken on the device; an all-zero row gets scale 1/448 so it
+    quantises to zeros instead of dividing by zero.
+    """
+    xf = x.float()
+    if scaling == "tensor":
+        amax = xf.abs().amax()
+    elif scaling == "row":
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"fp8 scaling {scaling!r}: accepted {SCALINGS}")
+    scale = amax.clamp(min=1e-12) / E4M3_MAX
+    q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale
+
+
+class FP8Linear(nn.Module):
+    """y = x W^T + b with W stored as e4m3 [N, K] and its float32 scale."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None, scaling: str):
+        super().__init__()
+        self.scaling = scaling
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # e4m3 [N, K], row-major
+        # _scaled_mm wants the weight's scale as [1, N] beside a row-major [M, 1] one
+        self.register_buffer("weight_scale",
+                             weight_scale.reshape(1, -1) if scaling == "row" else weight_scale)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scaling: str) -> FP8Linear:
+        q, scale = quantize(linear.weight.detach(), scaling)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(q, scale, bias, scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        q, scale = quantize(x2, self.scaling)
+        bias = self.bias if self.scaling == "tensor" and self.bias is not None else None
+        out = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
+                               bias=None if bias is None else bias.to(x.dtype),
+                               out_dtype=x.dtype, use_fast_accum=True)
+        if self.bias is not None and bias is None:
+            # row-wise _scaled_mm takes no bias on every build: add it here
+            out = out + self.bias.to(out.dtype)
+        return out.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scaling={self.scaling}")
+
+
+def quantize_linears(model: nn.Module, scaling: str = "tensor",
+                     keep: tuple[str, ...] = KEEP_PRECISION) -> int:
+    """Replace every nn.Linear of `model` not under a `keep` name by an FP8Linear, in place.
+
+    One layer at a time, so the peak is the model plus one float32 copy of one weight; the
+    original weights are freed as their modules are dropped. Returns the number replaced.
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"fp8 scaling {scaling!r}: accepted {SCALINGS}")
+    targets = [name for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and not name.startswith(keep)]
+    for name in targets:
+        owner, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(owner) if owner else model
+        linear = getattr(parent, leaf)
+        with torch.no_grad():
+            setattr(parent, leaf, FP8Linear.from_linear(linear, scaling))
+        del linear
+    return len(targets)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, FP8Linear) for m in model.modules())

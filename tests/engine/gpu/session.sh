@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU session of issue 8 (GPU speed), in parts that each fit one 10-minute device call:
+#
+#   bash tests/engine/gpu/session.sh tests   # GPU equivalence tests + report      (~5 min)
+#   bash tests/engine/gpu/session.sh fast    # bench, 3 sizes, plain vs all paths  (~8 min)
+#   bash tests/engine/gpu/session.sh bf16    # bench, bf16 + compile vs bare kernels (~6 min)
+#   bash tests/engine/gpu/session.sh all     # the three, one after another
+#
+# Everything lands in $OUT (default ./gpu-out): bench-*.jsonl (one JSON object per size),
+# gpu-report.json (measured errors and tolerances), pytest and bench logs, nvidia-smi, versions.
+# Runs with the machine's own python3 (its CUDA PyTorch); needs nothing of the server stack.
+set -uo pipefail
+cd "$(dirname "$0")/../../.."
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# compiled kernels survive between the parts while the machine stays warm
+export TORCHINDUCTOR_CACHE_DIR="$PWD/build/inductor-cache"
+PY="${PYTHON:-python3}"
+LIMIT="${LIMIT:-560}"  # seconds per part: stop (keeping what is written) before the call's 600 s
+
+info() {
+  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+  "$PY" -c 'import torch, sys; print(sys.version); print("torch", torch.__version__, "cuda",
+torch.version.cuda, "cudnn", torch.backends.cudnn.version(), torch.cuda.get_device_name())' \
+    > "$OUT/versions.txt" 2>&1
+}
+
+bench() {  # name, args...
+  local name="$1"; shift
+  timeout "$LIMIT" "$PY" -m engine bench --steps 4 --blocks 8 --json "$@" \
+    > "$OUT/bench-$name.jsonl" 2> "$OUT/bench-$name.log"
+  echo "bench $name: exit $? ($(wc -l < "$OUT/bench-$name.jsonl") sizes)"
+}
+
+part_tests() {
+  AVATAR_GPU_REPORT="$OUT/gpu-report.json" timeout "$LIMIT" "$PY" -m pytest -q -s -m gpu \
+    -p no:cacheprovider tests/engine/gpu --junitxml="$OUT/gpu-tests.xml" \
+    > "$OUT/gpu-tests.log" 2>&1
+  echo "gpu tests: exit $?"; tail -5 "$OUT/gpu-tests.log"
+}
+
+part_fast() {  # the issue's command at the three sizes, every speed path on
+  bench fast --size "704*384,576*320,448*256" --baseline --fp8 --compile
+}
+
+part_bf16() {  # bf16 alone (no FP8): the step against the bare GEMMs + attention, same run
+  bench bf16 --size "704*384,576*320" --baseline --no-fp8 --compile
+}
+
+info
+case "${1:-all}" in
+  tests) part_tests ;;
+  fast) part_fast ;;
+  bf16) part_bf16 ;;
+  all) part_tests; part_fast; part_bf16 ;;
+  *) echo "usage: $0 tests|fast|bf16|all" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
