@@ -44,6 +44,7 @@ from tests.stream.conftest import Running  # noqa: E402
 
 AGENT, AVATAR = "agent-1", "avatar-stream"
 EXAMPLE = REPO / "client" / "python" / "examples" / "livekit_avatar_worker.py"
+SECRET = "a-livekit-api-secret-of-32-bytes"
 AGENT_KIND = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
 
@@ -215,7 +216,7 @@ async def test_the_agent_side_avatar_session_in_one_line(running: Running) -> No
 
     async def launch(url: str, token: str) -> None:  # a dispatcher would start a worker
         launched.append((url, token))
-        claims = api.TokenVerifier("key", "secret-secret-secret-secret-32by").verify(token)
+        claims = api.TokenVerifier("key", SECRET).verify(token)
         room = link.join(claims.identity, kind=AGENT_KIND, attributes=claims.attributes)
         served.append(asyncio.create_task(serve_room(room, server=running.base)))
 
@@ -223,10 +224,10 @@ async def test_the_agent_side_avatar_session_in_one_line(running: Running) -> No
     avatar = AvatarSession(server=running.base, launch=launch)
     await avatar.start(agent_session, agent_room, livekit_url="wss://lk.example",
                        livekit_api_key="key",
-                       livekit_api_secret="secret-secret-secret-secret-32by")
+                       livekit_api_secret=SECRET)
     try:
         (url, token), = launched
-        claims = api.TokenVerifier("key", "secret-secret-secret-secret-32by").verify(token)
+        claims = api.TokenVerifier("key", SECRET).verify(token)
         assert url == "wss://lk.example" and claims.identity == AVATAR
         assert claims.kind == "agent" and claims.video.room == "lobby" and claims.video.room_join
         assert claims.attributes == {ATTRIBUTE_PUBLISH_ON_BEHALF: AGENT}
@@ -270,3 +271,16 @@ async def test_the_example_dispatcher_launches_a_worker_per_room(running: Runnin
         assert not running.manager.sessions  # nothing was opened for a room never joined
     finally:
         await runner.cleanup()
+
+
+async def test_an_agent_that_never_comes_and_a_server_that_is_not_there(running: Running) -> None:
+    lonely = FakeLink().join(AVATAR, kind=AGENT_KIND)
+    with pytest.raises(TimeoutError, match="no agent"):
+        await serve_room(lonely, server=running.base, agent_timeout_s=0.3)
+    assert not running.manager.sessions  # the session it opened is ended again
+    # the in-process worker opens its session in start(): a wrong server fails right there
+    agent_room = FakeLink().join(AGENT, kind=AGENT_KIND)
+    avatar = AvatarSession(server="http://127.0.0.1:9")
+    with pytest.raises(OSError):
+        await avatar.start(AgentSession(), agent_room, livekit_url="wss://x",
+                           livekit_api_key="key", livekit_api_secret=SECRET)

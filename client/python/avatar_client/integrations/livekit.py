@@ -229,12 +229,12 @@ async def serve_room(room: rtc.Room, *, server: str = "http://127.0.0.1:8080",
                      api_key: str | None = None, session: SessionInfo | None = None,
                      session_fields: Mapping[str, Any] | None = None,
                      sender_identity: str | None = None, video: str = "jpeg",
-                     fps: float = 25.0, width: int | None = None,
-                     height: int | None = None) -> None:
+                     fps: float = 25.0, width: int | None = None, height: int | None = None,
+                     agent_timeout_s: float = 60.0) -> None:
     """Be the avatar in `room` (joined already) until the room disconnects, the agent leaves or
     the avatar session ends. `sender_identity`: the agent whose audio to play (default: the
-    first agent participant). Creates a session on `server` unless one is given, and ends it
-    afterwards."""
+    first agent participant to join, within `agent_timeout_s`). Creates a session on `server`
+    unless one is given, and ends the one it created."""
     if video not in ("jpeg", "h264"):
         raise ValueError(f"video={video!r}: accepted 'jpeg' or 'h264'")
     owned = session is None
@@ -256,9 +256,14 @@ async def serve_room(room: rtc.Room, *, server: str = "http://127.0.0.1:8080",
     room.on("participant_disconnected", on_left)
     try:
         bot = await AvatarSocket.connect(session)
-        agent = await utils.wait_for_participant(
-            room=room, identity=sender_identity,
-            kind=None if sender_identity else rtc.ParticipantKind.PARTICIPANT_KIND_AGENT)
+        try:
+            agent = await asyncio.wait_for(utils.wait_for_participant(
+                room=room, identity=sender_identity,
+                kind=None if sender_identity else rtc.ParticipantKind.PARTICIPANT_KIND_AGENT),
+                agent_timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"no agent {sender_identity or '(any)'} in room {room.name} "
+                               f"within agent_timeout_s={agent_timeout_s:g} s") from None
         sender = agent.identity
         # media is asked for only now: nothing piles up while the agent is not there yet
         await bot.update(video=video, audio=True, fps=fps,
@@ -331,6 +336,7 @@ class AvatarSession(_AvatarSession[Any]):
         self._name = avatar_participant_name
         self._video, self._fps, self._sample_rate = video, fps, sample_rate
         self._launch = launch
+        self._session: SessionInfo | None = None  # the in-process worker's
         self._worker_task: asyncio.Task[None] | None = None
 
     @property
@@ -361,14 +367,17 @@ class AvatarSession(_AvatarSession[Any]):
                  .with_grants(api.VideoGrants(room_join=True, room=room.name))
                  .with_attributes({ATTRIBUTE_PUBLISH_ON_BEHALF: agent_identity})
                  .to_jwt())
-        await super().start(agent_session, room)
         if self._launch is not None:
             await self._launch(url, token)
         else:
+            # the session first, awaited: an avatar server that cannot be reached fails here,
+            # at start-up, not silently in the worker's task
+            self._session = await create_session(self._server, self._api_key, **self._fields)
             self._worker_task = asyncio.create_task(run_worker(
-                url, token, server=self._server, api_key=self._api_key,
-                session_fields=self._fields, sender_identity=agent_identity,
+                url, token, session=self._session, sender_identity=agent_identity,
                 video=self._video, fps=self._fps), name=f"avatar-worker-{room.name}")
+            self._worker_task.add_done_callback(_log_end)
+        await super().start(agent_session, room)
         agent_session.output.audio = DataStreamAudioOutput(
             room, destination_identity=self._identity, sample_rate=self._sample_rate,
             wait_remote_track=rtc.TrackKind.KIND_VIDEO, wait_playback_start=True)
@@ -377,4 +386,14 @@ class AvatarSession(_AvatarSession[Any]):
         if self._worker_task is not None:
             await utils.aio.cancel_and_wait(self._worker_task)
             self._worker_task = None
+        if self._session is not None:
+            with contextlib.suppress(Exception):
+                await delete_session(self._session)
+            self._session = None
         await super().aclose()
+
+
+def _log_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the avatar worker failed: %s; the agent's speech has no avatar now",
+                  task.exception(), exc_info=task.exception())

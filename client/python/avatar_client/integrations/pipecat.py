@@ -23,7 +23,8 @@ Frames out: `OutputImageRawFrame` (RGB) for every video frame, a copy of the pre
 for one the server dropped, and, with `sync_audio`, `SpeechOutputAudioRawFrame` (48 kHz mono,
 40 ms each, silence included: the transport tells speech from silence, which gives it
 `BotStartedSpeakingFrame`/`BotStoppedSpeakingFrame` when the avatar actually speaks). Pictures
-are marked `sync_with_audio`, so the transport shows each one after the audio before it.
+are marked `sync_with_audio` and come just before the audio of their slot, so the transport
+shows picture t as audio t starts playing.
 
 Event handlers (`@avatar.event_handler("on_utterance_started")`, called with the service and
 the SDK's event): `on_session_ready` (`SessionReady`), `on_utterance_started`,
