@@ -129,3 +129,14 @@ async def test_h264_and_jpeg_from_the_server_decode_to_the_session_size(
                                                            strict=False)), codec
             assert slices and slices[0].pts >= pictures[0].pts, codec
     await delete_session(session)
+
+
+async def test_a_failing_event_callback_does_not_stop_the_media() -> None:
+    event = parse_event({"type": "stats", "event_id": "e", "seq": 2, "pts": 0})
+
+    def broken(_: Any) -> None:
+        raise RuntimeError("the application's bug")
+
+    bot = ScriptedBot([video(0), event, audio(0), video(40), audio(40)])
+    items = await collect(AvatarMedia(bot, broken))  # type: ignore[arg-type]
+    assert order(items) == ["v0", "a0", "v40", "a40"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,8 @@ from typing import Any
 
 from avatar_client.client import AvatarSocket
 from avatar_client.events import Event, MediaFrame
+
+log = logging.getLogger(__name__)
 
 AUDIO_RATE = 48000  # the server's audio out: PCM s16le mono, 40 ms slices
 QUEUE_ITEMS = 100  # about 2 s of media (25 video frames + 25 audio slices a second)
@@ -119,17 +122,17 @@ class AvatarMedia:
                 self._read(), name=f"avatar-media-{self.bot.ready.session_id}")
 
     async def _read(self) -> None:
-        try:
-            async for item in self.bot.events():
-                if isinstance(item, MediaFrame):
-                    await self._queue.put(item)
-                elif self.on_event is not None:
+        async for item in self.bot.events():
+            if isinstance(item, MediaFrame):
+                await self._queue.put(item)
+            elif self.on_event is not None:
+                try:
                     result = self.on_event(item)
                     if inspect.isawaitable(result):
                         await result
-        finally:
-            with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(None)
+                except Exception:  # the caller's bug must not stop the avatar's media
+                    log.exception("on_event failed on %s", item.type)
+        await self._queue.put(None)  # the socket closed: iteration ends after what came before
 
     async def __aiter__(self) -> AsyncIterator[VideoImage | AudioSlice]:
         self.start()

@@ -235,8 +235,7 @@ async def serve_room(room: rtc.Room, *, server: str = "http://127.0.0.1:8080",
     the avatar session ends. `sender_identity`: the agent whose audio to play (default: the
     first agent participant to join, within `agent_timeout_s`). Creates a session on `server`
     unless one is given, and ends the one it created."""
-    if video not in ("jpeg", "h264"):
-        raise ValueError(f"video={video!r}: accepted 'jpeg' or 'h264'")
+    _check_output(video, fps)
     owned = session is None
     if session is None:
         session = await create_session(server, api_key, **dict(session_fields or {}))
@@ -290,6 +289,13 @@ async def serve_room(room: rtc.Room, *, server: str = "http://127.0.0.1:8080",
                 await delete_session(session)
 
 
+def _check_output(video: str, fps: float) -> None:
+    if video not in ("jpeg", "h264"):
+        raise ValueError(f"video={video!r}: accepted 'jpeg' or 'h264'")
+    if not 0 < fps <= 25:
+        raise ValueError(f"fps={fps}: accepted 0 < fps <= 25")
+
+
 async def run_worker(livekit_url: str, livekit_token: str, **options: Any) -> None:
     """Join the room with `livekit_token` and be the avatar there (`serve_room`'s options)."""
     room = rtc.Room()
@@ -323,10 +329,12 @@ class AvatarSession(_AvatarSession[Any]):
             video: what the worker asks the server for: "jpeg" or "h264".
             fps: the published video's frame rate (0 < fps <= 25).
             sample_rate: the rate the agent's speech is sent at (8000, 16000, 24000, 48000).
-            launch: called with (livekit_url, token) to start the worker elsewhere; default:
-                `run_worker` as a task of this process.
+            launch: called with (livekit_url, token) to start the worker elsewhere (whose own
+                server and session options then apply); default: `run_worker` as a task of
+                this process.
         """
         super().__init__()
+        _check_output(video, fps)
         if sample_rate not in SAMPLE_RATES:
             raise ValueError(f"sample_rate={sample_rate}: accepted {SAMPLE_RATES}")
         self._server = server or os.getenv("AVATAR_STREAM_URL") or "http://127.0.0.1:8080"
