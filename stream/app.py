@@ -55,7 +55,8 @@ class Server:
 
     def __init__(self, cfg: StreamConfig, engine: Engine | None = None):
         self.cfg = cfg
-        self.auth = Auth(cfg.server.api_keys, cfg.server.token_ttl_s)
+        self.auth = Auth.from_config(cfg.server.api_keys, cfg.server.token_ttl_s,
+                                     cfg.server.token_secret)
         self.metrics = Metrics()
         self.executor = make_executor(cfg.media)
         self.engine = engine
@@ -277,24 +278,31 @@ async def create_session(request: web.Request) -> web.Response:
         session = await manager.create(params)
     except ValueError as exc:
         raise ApiError(422, "invalid_session_params", str(exc)) from None
-    base, sid, tok, view = base_url(request), session.id, session.token, session.viewer_token
-    api = f"{base}/v1/sessions/{sid}"
     body = {
         **_session_info(srv, session),
-        "token": tok,
-        "viewer_token": view,
+        "token": session.token,
+        "viewer_token": session.viewer_token,
         "expires_at": round(session.expires_at, 3),
-        "audio_out": {"sample_rate": 48000},
-        "urls": {
-            "session": api, "offer": f"{api}/offer", "whep": f"{api}/whep",
-            "stream_ts": f"{api}/stream.ts?token={view}",
-            "ws": f"{base.replace('http', 'ws', 1)}/v1/sessions/{sid}/ws",
-            "call": f"{base}/call?session={sid}&token={tok}",
-            "obs": f"{base}/obs/{sid}?token={view}",
-            "viewer": f"{base}/obs/{sid}?token={view}&audio=1",
-        },
+        "urls": _links(request, session, session.token),
     }
-    return web.json_response(body, status=201, headers={"Location": api})
+    return web.json_response(body, status=201, headers={"Location": body["urls"]["session"]})
+
+
+def _links(request: web.Request, session: Any, call_token: str | None) -> dict[str, str]:
+    """The session's URLs. Viewer links carry the view token only; the call link is made only
+    for whoever was just given the call token (the creator), never handed out again."""
+    base, sid, view = base_url(request), session.id, session.viewer_token
+    api = f"{base}/v1/sessions/{sid}"
+    links = {
+        "session": api, "offer": f"{api}/offer", "whep": f"{api}/whep",
+        "stream_ts": f"{api}/stream.ts?token={view}",
+        "ws": f"{base.replace('http', 'ws', 1)}/v1/sessions/{sid}/ws",
+        "obs": f"{base}/obs/{sid}?token={view}",
+        "viewer": f"{base}/obs/{sid}?token={view}&audio=1",
+    }
+    if call_token:
+        links["call"] = f"{base}/call?session={sid}&token={call_token}"
+    return links
 
 
 def _session(request: web.Request, scope: str = "view") -> Any:
@@ -319,11 +327,21 @@ def _session_info(srv: Server, session: Any) -> dict[str, Any]:
                    "random_weights": bool(getattr(engine, "random_weights", False)),
                    "description": engine.description},
         "ice_servers": ice_servers_json(srv.cfg.webrtc),
+        "audio_out": {"sample_rate": 48000},
     }
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response(_session_info(server_of(request), _session(request)))
+    """The session's info. A call token (or a key) also gets the viewer token and links, so a
+    call page opened from a backend-made link can share a viewer link that is not its own."""
+    session = _session(request)
+    srv = server_of(request)
+    info = _session_info(srv, session)
+    claims = srv.auth.require_session(request, session.id)
+    if claims is None or claims["scope"] == "call":
+        info["viewer_token"] = session.viewer_token
+        info["urls"] = _links(request, session, None)
+    return web.json_response(info)
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -464,6 +482,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     srv = server_of(request)
+    srv.auth.require_key(request, "reading /readyz")
     if srv.manager is None:
         status = "failed" if srv.loading_error else "loading"
         return web.json_response({"ready": False, "status": status, "error": srv.loading_error},
@@ -481,6 +500,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    server_of(request).auth.require_key(request, "reading /metrics")
     return web.Response(text=server_of(request).metrics.render(),
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

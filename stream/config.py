@@ -59,7 +59,12 @@ def _range(key: str, value: float, lo: float, hi: float) -> None:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    api_keys: tuple = ()  # empty: creating sessions needs no key (development only)
+    # API keys (or AVATAR_API_KEYS, comma-separated); empty: development mode, in which only
+    # clients on this machine may create sessions or read /readyz and /metrics
+    api_keys: tuple = ()
+    # signs the call/viewer tokens (JWT HS256; or AVATAR_TOKEN_SECRET): a backend holding it
+    # mints links itself, and servers sharing it accept each other's; empty: one per process
+    token_secret: str = ""
     # lifetime of the session tokens in call and viewer links; as long as the longest session by
     # default, so an OBS source can still reconnect late in a long stream
     token_ttl_s: float = 4 * 3600.0
@@ -72,6 +77,10 @@ class ServerConfig:
         _range("server.max_upload_bytes", self.max_upload_bytes, 1024, 200_000_000)
         if not all(isinstance(k, str) and len(k) >= 16 for k in self.api_keys):
             raise ConfigError("server.api_keys: every key must be a string of >= 16 characters")
+        if self.token_secret and len(self.token_secret) < 32:
+            raise ConfigError("server.token_secret: at least 32 characters (e.g. the output of "
+                              "`python -c \"import secrets; print(secrets.token_urlsafe(48))\"`)"
+                              ", or empty for a secret made per process")
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,11 @@ async function start() {
       $('badge').title = session.avatar.note || '';
     }
     status('Asking for the microphone…');
+    // echo cancellation stays on: with "hear the avatar" ticked and no headphones, the
+    // avatar's voice (the speaker's own, delayed) would otherwise feed back into the model
     mic = await navigator.mediaDevices.getUserMedia({
-      audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: true } });
+      audio: { echoCancellation: true, noiseSuppression: false, autoGainControl: true } });
+    window.avatarStats.echoCancellation = mic.getAudioTracks()[0].getSettings().echoCancellation;
     pc = new RTCPeerConnection({ iceServers: session.ice_servers || [] });
     mic.getTracks().forEach((t) => pc.addTrack(t, mic));
     pc.addTransceiver('video', { direction: 'recvonly' });
@@ -58,11 +61,14 @@ async function start() {
     const answer = await response.json();
     session.peer_url = answer.peer_url;
     await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp });
-    const link = session.urls ? session.urls.viewer
-      : `${location.origin}/obs/${sid}?token=${encodeURIComponent(token)}&audio=1`;
-    $('viewer-link').href = link;
-    $('viewer-link').textContent = link;
-    $('viewer').hidden = false;
+    // the server's viewer link (a view-scope token); the call token never goes into it
+    const link = session.urls && session.urls.viewer;
+    if (link) {
+      $('viewer-link').href = link;
+      $('viewer-link').textContent = link;
+      $('viewer').hidden = false;
+      window.avatarStats.viewerLink = link;
+    }
     $('hangup').disabled = false;
     timers.push(setInterval(async () => {
       const s = await readStats(pc, session.playout_delay_ms);

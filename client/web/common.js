@@ -2,17 +2,26 @@
 
 export const params = new URLSearchParams(location.search);
 
+// fetch that throws on an error answer; the error carries the HTTP status and the error code
 export async function api(path, options = {}) {
   const response = await fetch(path, options);
   if (!response.ok) {
-    let message = `${response.status} ${response.statusText}`;
+    let message = `${response.status} ${response.statusText}`, code = '';
     try {
       const body = await response.json();
-      if (body.error) message = `${body.error.code}: ${body.error.message}`;
+      if (body.error) { code = body.error.code; message = `${code}: ${body.error.message}`; }
     } catch (e) { /* not JSON */ }
-    throw new Error(message);
+    const error = new Error(message);
+    error.status = response.status;
+    error.code = code;
+    throw error;
   }
   return response;
+}
+
+// An answer that will not change by retrying: the session is gone, or the link is not valid.
+export function isFinal(error) {
+  return [401, 403, 404, 410].includes(error.status);
 }
 
 export async function createSession(fields = {}) {

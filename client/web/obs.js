@@ -1,13 +1,16 @@
 // The OBS browser source / viewer page: full-bleed video, no controls; audio with ?audio=1.
-// Plays the session over WHEP and reconnects by itself if the connection drops.
-import { api, params, readStats, showEngineBadge, waitForIceGathering } from './common.js';
+// Plays the session over WHEP and reconnects by itself if the connection drops, until the
+// server says the session has ended or the link is not valid (then it says so and stops).
+import {
+  api, isFinal, params, readStats, showEngineBadge, waitForIceGathering,
+} from './common.js';
 
 const video = document.getElementById('avatar');
 const message = document.getElementById('message');
 const sid = location.pathname.split('/').filter(Boolean).pop();
 const token = params.get('token');
 const withAudio = params.get('audio') === '1';
-let pc = null, resource = null, retry = 1000, servers = null, lostTimer = null;
+let pc = null, resource = null, retry = 1000, servers = null, lostTimer = null, ended = false;
 
 window.avatarStats = { state: 'idle', framesDecoded: 0, audioPackets: 0 };
 video.muted = !withAudio;
@@ -58,13 +61,29 @@ function leave() {
   pc = null;
 }
 
-function reconnect() {
+function stop(err) {
+  ended = true;
   leave();
-  show('reconnecting…');
-  setTimeout(() => connect().catch((err) => { show(err.message); retry = Math.min(retry * 2, 15000); reconnect(); }), retry);
+  window.avatarStats.state = 'ended';
+  show(err.status === 404 || err.status === 410
+    ? 'This session has ended.' : `This link does not work any more (${err.message}).`);
 }
 
-connect().catch((err) => { show(err.message); reconnect(); });
+function failed(err) {
+  if (isFinal(err)) { stop(err); return; }
+  show(err.message);
+  retry = Math.min(retry * 2, 15000);
+  reconnect();
+}
+
+function reconnect() {
+  if (ended) return;
+  leave();
+  show('reconnecting…');
+  setTimeout(() => connect().catch(failed), retry);
+}
+
+connect().catch(failed);
 setInterval(async () => {
   if (pc) Object.assign(window.avatarStats, await readStats(pc, 0));
 }, 1000);

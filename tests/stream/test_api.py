@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import time
 
 import av
@@ -337,3 +338,46 @@ async def test_huge_images_are_refused_before_decoding_and_big_ones_scaled(
 async def test_wrongly_typed_fields(running: Running) -> None:
     async with running.http.post(f"{running.base}/v1/sessions", json={"avatar": ["x"]}) as r:
         assert r.status == 400 and (await error_of(r))["code"] == "invalid_avatar"
+
+
+async def test_tokens_are_jwts_a_backend_can_mint_and_servers_share() -> None:
+    """A backend holding the token secret mints a call token with PyJWT itself; a second
+    server with the same secret accepts the first server's tokens, one with another does not."""
+    import jwt
+
+    secret = "s" * 40
+    cfg = make_config(server=ServerConfig(port=0, token_secret=secret))
+    runner_a, base_a = await start_server(cfg)
+    runner_b, base_b = await start_server(cfg)
+    runner_c, base_c = await start_server(make_config(server=ServerConfig(
+        port=0, token_secret="t" * 40)))
+    try:
+        async with ClientSession() as http:
+            async with http.post(f"{base_a}/v1/sessions", json={}) as r:
+                s = await r.json()
+            sid = s["session_id"]
+            claims = jwt.decode(s["viewer_token"], secret, algorithms=["HS256"])
+            assert claims["sid"] == sid and claims["scope"] == "view" and claims["exp"] > time.time()
+            minted = jwt.encode({"sid": sid, "scope": "call", "exp": int(time.time()) + 60,
+                                 "sub": "backend-user-42"}, secret, algorithm="HS256")
+            auth = {"Authorization": f"Bearer {minted}"}
+            async with http.get(f"{base_a}/v1/sessions/{sid}", headers=auth) as r:
+                assert r.status == 200
+                info = await r.json()
+            # a call token gets the viewer link, never a call link or the call token again
+            assert jwt.decode(info["viewer_token"], secret, algorithms=["HS256"])["scope"] == "view"
+            assert "call" not in info["urls"] and minted not in json.dumps(info)
+            for base, status in ((base_b, 404), (base_c, 401)):  # b: valid token, no such session
+                async with http.get(f"{base}/v1/sessions/{sid}", headers=auth) as r:
+                    assert r.status == status, await r.text()
+            forged = jwt.encode({"sid": sid, "scope": "call", "exp": int(time.time()) + 60},
+                                "x" * 40, algorithm="HS256")
+            none_alg = jwt.encode({"sid": sid, "scope": "call", "exp": int(time.time()) + 60},
+                                  None, algorithm="none")
+            for bad in (forged, none_alg, minted[:-3] + "AAA"):
+                async with http.get(f"{base_a}/v1/sessions/{sid}", headers={
+                        "Authorization": f"Bearer {bad}"}) as r:
+                    assert r.status == 401 and (await error_of(r))["code"] == "invalid_token"
+    finally:
+        for runner in (runner_a, runner_b, runner_c):
+            await runner.cleanup()

@@ -4,6 +4,8 @@ fake microphone playing a speech WAV, and the OBS page in a second browser conte
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -98,3 +100,49 @@ async def test_call_and_obs_pages(running: Running, chromium_args: list[str]) ->
             await browser.close()
     leftover = {t for t in asyncio.all_tasks() if not t.done()} - before - {asyncio.current_task()}
     assert await wait_for(lambda: not {t for t in leftover if not t.done()}, 10), leftover
+
+
+def token_claims(token: str) -> dict:
+    """The claims of a JWT, unverified (what anyone holding the link can read)."""
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+async def test_backend_link_never_leaks_the_call_token(running: Running,
+                                                       chromium_args: list[str]) -> None:
+    """A backend makes the session and hands the speaker a call link: the viewer link the page
+    then shows carries a view-scope token, never the call token. The microphone keeps echo
+    cancellation on, and the OBS page stops (and says why) once the session has ended."""
+    from playwright.async_api import async_playwright
+
+    s = await running.create(size="256*128")  # the "backend"
+    call_link = s["urls"]["call"]
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                          args=chromium_args)
+        try:
+            page = await (await browser.new_context()).new_page()
+            await page.goto(call_link)
+            await page.click("#start")
+            await page.wait_for_function("window.avatarStats.state === 'connected'",
+                                         timeout=30_000)
+            stats = await page.evaluate("window.avatarStats")
+            assert stats["echoCancellation"] is True
+            viewer = stats["viewerLink"]
+            assert viewer == await page.get_attribute("#viewer-link", "href")
+            token = viewer.split("token=")[1].split("&")[0]
+            assert s["token"] not in viewer and token_claims(token)["scope"] == "view"
+            obs = await (await browser.new_context()).new_page()
+            await obs.goto(viewer)
+            await obs.wait_for_function("window.avatarStats.framesDecoded >= 10", timeout=60_000)
+            async with running.http.delete(s["urls"]["session"], headers={
+                    "Authorization": f"Bearer {s['token']}"}) as r:
+                assert r.status == 204
+            await obs.wait_for_function("window.avatarStats.state === 'ended'", timeout=30_000)
+            assert "ended" in (await obs.text_content("#message"))
+            requests = []
+            obs.on("request", lambda req: requests.append(req.url))
+            await asyncio.sleep(4.0)  # long past the first retry: it does not try again
+            assert not [u for u in requests if "/whep" in u or "/v1/sessions" in u], requests
+        finally:
+            await browser.close()
