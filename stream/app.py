@@ -36,6 +36,7 @@ from stream.media.decode import MediaError, read_image
 from stream.media.encoder import make_executor
 from stream.media.mpegts import TsMuxer
 from stream.media.timeline import SAMPLES_PER_VIDEO_FRAME
+from stream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from stream.metrics import Metrics
 from stream.sessions import SessionManager
 from stream.webrtc import check_offer_sdp, ice_servers_json, restrict_host_addresses
@@ -501,9 +502,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     server_of(request).auth.require_key(request, "reading /metrics")
-    return web.Response(text=server_of(request).metrics.render(),
-                        content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(body=server_of(request).metrics.render().encode(),
+                        headers={"Content-Type": METRICS_CONTENT_TYPE,
+                                 "X-Content-Type-Options": "nosniff"})
 
 
 # 8. The app ------------------------------------------------------------------------------------

@@ -1,49 +1,97 @@
-"""Prometheus text-format metrics: counters with labels, gauges read at scrape time, loop lag."""
+"""The server's metrics, produced by prometheus_client: counters, histograms, gauges read at
+scrape time, process figures, and the event loop's wake-up lag.
+
+Each `Metrics` owns its own registry (one per server: tests run several servers in a process).
+Call sites name a metric and its labels; the metric is created on first use with the label names
+of that call (they must stay the same at every call site) and the help text of `HELP`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 HELP = {
     "avatar_sessions_created_total": "Sessions created.",
     "avatar_sessions_ended_total": "Sessions ended, by reason.",
     "avatar_sessions_rejected_total": "Session requests refused, by reason.",
     "avatar_blocks_total": "Frame blocks (12 frames) received from the engine.",
+    "avatar_frames_sent_total": "Video frames sent to viewers (rate: delivered fps), by kind.",
     "avatar_peers_total": "WebRTC peers connected, by kind.",
     "avatar_http_errors_total": "Error responses, by code.",
     "avatar_ws_connections_total": "Bot WebSocket connections accepted.",
     "avatar_ws_messages_total": "Bot WebSocket messages received, by type (audio: binary).",
     "avatar_ws_errors_total": "Bot WebSocket errors and policy closes, by code.",
+    "avatar_tier_changes_total": "Generation tier and output variant changes, by kind.",
+    "avatar_session_errors_total": "Sessions ended by a failure inside them, by where.",
+    "avatar_block_seconds": "Engine time per block (0.48 s of media: above it, slower than "
+                            "real time).",
+    "avatar_block_ready_lag_seconds": "Time from a block's media end to its frames reaching the "
+                                      "server (the engine's share of the latency).",
 }
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 class Metrics:
     def __init__(self) -> None:
-        self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
-        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # RSS, open file descriptors, CPU seconds
+        PlatformCollector(registry=self.registry)
+        self._counters: dict[str, Counter] = {}
+        self._histograms: dict[str, Histogram] = {}
+        self._lock = threading.Lock()  # engine callbacks run on the loop; encoders may not
         self.loop_lag = 0.0
         self._probe: asyncio.Task | None = None
+        self.gauge("avatar_threads", "Threads of the server process.", threading.active_count)
+
+    def _labelled(self, family: dict, kind: type, name: str, labels: dict[str, str],
+                  **extra: object) -> Any:
+        with self._lock:
+            metric = family.get(name)
+            if metric is None:
+                metric = family[name] = kind(name.removesuffix("_total") if kind is Counter
+                                             else name, HELP.get(name, name),
+                                             labelnames=sorted(labels), registry=self.registry,
+                                             **extra)
+        return metric.labels(**labels) if labels else metric
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        self._counters[name][key] = self._counters[name].get(key, 0.0) + value
+        self._labelled(self._counters, Counter, name, labels).inc(value)
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        """A sample of a latency-like figure (seconds) into histogram `name`."""
+        self._labelled(self._histograms, Histogram, name, labels,
+                       buckets=LATENCY_BUCKETS).observe(value)
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        self._gauges[name] = (help_text, read)
+        """A gauge whose value is `read()` at scrape time."""
+        with self._lock:
+            Gauge(name, help_text, registry=self.registry).set_function(read)
 
     def get(self, name: str, **labels: str) -> float:
-        return self._counters[name].get(tuple(sorted(labels.items())), 0.0)
+        """A counter's current value (0 if it never counted)."""
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
 
     def start_loop_probe(self, interval: float = 0.25) -> None:
-        """Measures how late the event loop wakes up (a blocking call shows up as lag)."""
+        """Measures how late the event loop wakes up (a blocking call shows up as lag), and
+        counts its live tasks (a leak shows up as growth)."""
 
         async def probe() -> None:
             while True:
@@ -51,9 +99,12 @@ class Metrics:
                 await asyncio.sleep(interval)
                 self.loop_lag = max(0.0, time.monotonic() - start - interval)
 
-        self._probe = asyncio.get_running_loop().create_task(probe(), name="loop-lag-probe")
+        loop = asyncio.get_running_loop()
+        self._probe = loop.create_task(probe(), name="loop-lag-probe")
         self.gauge("avatar_event_loop_lag_seconds", "Latest event-loop wake-up delay.",
                    lambda: self.loop_lag)
+        self.gauge("avatar_event_loop_tasks", "Live asyncio tasks of the server's loop.",
+                   lambda: len(asyncio.all_tasks(loop)))
 
     async def aclose(self) -> None:
         if self._probe is not None:
@@ -62,12 +113,4 @@ class Metrics:
                 await self._probe
 
     def render(self) -> str:
-        lines = []
-        for name, (help_text, read) in sorted(self._gauges.items()):
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read():g}"]
-        for name, series in sorted(self._counters.items()):
-            lines += [f"# HELP {name} {HELP.get(name, name)}", f"# TYPE {name} counter"]
-            for labels, value in sorted(series.items()):
-                text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                lines.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from engine.api import (
     BLOCK_SECONDS,
+    FPS,
     CapacityExhausted,
     Engine,
     EngineError,
@@ -74,6 +75,10 @@ class SessionManager:
             if s is not None:
                 s.on_block(block)
                 self.metrics.inc("avatar_blocks_total")
+                self.metrics.observe("avatar_block_seconds", block.timings.total)
+                media_end = (block.first_frame + len(block.frames)) / FPS
+                self.metrics.observe("avatar_block_ready_lag_seconds",
+                                     max(0.0, time.monotonic() - s.clock.t0 - media_end))
 
         def on_error(exc: BaseException) -> None:
             s = holder.get("s")

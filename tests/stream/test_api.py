@@ -49,12 +49,23 @@ async def test_health_ready_and_metrics(running: Running) -> None:
         assert r.status == 200 and body["ready"] and body["engine"] == "preview"
         assert body["preview"] is True and "preview" in body["description"]
     await running.create()
+    await asyncio.sleep(1.2)  # a block or two
     async with running.http.get(f"{running.base}/metrics") as r:
         text = await r.text()
         assert r.status == 200 and r.content_type == "text/plain"
-    assert "# TYPE avatar_sessions_active gauge" in text
-    assert "avatar_sessions_active 1" in text
-    assert "avatar_sessions_created_total 1" in text
+    # prometheus_client's own parser reads it: the exposition format, not look-alike text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["avatar_sessions_active"].samples[0].value == 1
+    assert families["avatar_sessions_created"].samples[0].value == 1
+    assert families["avatar_block_seconds"].type == "histogram"
+    assert any(s.name == "avatar_block_seconds_count" and s.value >= 1
+               for s in families["avatar_block_seconds"].samples)
+    for name in ("process_resident_memory_bytes", "process_open_fds", "avatar_threads",
+                 "avatar_event_loop_tasks", "avatar_event_loop_lag_seconds",
+                 "avatar_block_ready_lag_seconds"):
+        assert name in families, name
 
 
 async def test_create_session_returns_everything_a_client_needs(running: Running) -> None:
