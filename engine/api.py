@@ -16,6 +16,7 @@ import numpy as np
 from engine.config import EngineConfig
 from engine.errors import CapacityExhausted, ConfigError, EngineError, InputError
 from engine.progress import ProgressFn, ProgressPrinter
+from engine.sizing import parse_area
 
 if TYPE_CHECKING:
     from engine.runtime import EngineRuntime
@@ -161,12 +162,15 @@ class Engine(Protocol):
 
     `lookahead_s`: audio past a block's end it needs before starting that block.
     `max_sessions`: how many sessions it can hold at once (admission also watches measured load).
+    `max_size`: the largest generation area budget ("W*H") a session may ask for; for the real
+    engine it is what the GPU memory plan was checked for.
     """
 
     name: str
     description: str
     lookahead_s: float
     max_sessions: int
+    max_size: str
 
     def open_session(self, params: SessionParams) -> EngineSession: ...
 
@@ -175,7 +179,7 @@ class Engine(Protocol):
 
 # re-exported: the server imports nothing else from the engine
 __all__ = ["CapacityExhausted", "ConfigError", "EngineConfig", "EngineError", "InputError",
-           "ProgressFn", "ProgressPrinter"]
+           "ProgressFn", "ProgressPrinter", "parse_area"]
 
 
 def create_engine(config: EngineConfig, progress: ProgressFn | None = None) -> Engine:

@@ -279,6 +279,7 @@ class PreviewEngine:
         self.config = config or EngineConfig()
         self.default_avatar = default_avatar
         self.max_sessions = self.config.max_sessions or 8
+        self.max_size = self.config.max_size
         self._detector: FaceDetector | None = None
         self._lock = threading.Lock()
 

@@ -84,6 +84,7 @@ class WanEngine:
         # the last frame's interpolation neighbour needs up to 5 ms more than the look-ahead
         self.lookahead_s = config.audio_lookahead_s + 0.005
         self.max_sessions = config.max_sessions or 1
+        self.max_size = config.max_size
 
     @classmethod
     def load(cls, config: EngineConfig, progress: ProgressFn | None = None) -> WanEngine:

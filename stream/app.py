@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 from aiohttp import BodyPartReader, web
 from aiohttp.abc import AbstractAccessLogger
@@ -24,14 +25,17 @@ from aiohttp.abc import AbstractAccessLogger
 from engine.api import (
     DEFAULT_PROMPT,
     Engine,
+    InputError,
     ProgressPrinter,
     SessionParams,
     create_engine,
+    parse_area,
     start_runtime,
 )
 from stream.auth import Auth
 from stream.config import StreamConfig
 from stream.errors import ApiError, bad_request, not_found
+from stream.limits import CreationLimit
 from stream.media.decode import MediaError, read_image
 from stream.media.encoder import make_executor
 from stream.media.mpegts import TsMuxer
@@ -58,6 +62,7 @@ class Server:
         self.cfg = cfg
         self.auth = Auth.from_config(cfg.server.api_keys, cfg.server.token_ttl_s,
                                      cfg.server.token_secret)
+        self.creations = CreationLimit(cfg.server.max_session_creations_per_minute)
         self.metrics = Metrics()
         self.executor = make_executor(cfg.media)
         self.engine = engine
@@ -149,7 +154,28 @@ def server_of(request: web.Request) -> Server:
     return request.app[STATE]["server"]
 
 
-# 2. Middleware: JSON errors ----------------------------------------------------------------------
+# 2. Middleware: CORS, JSON errors ----------------------------------------------------------------
+
+
+@web.middleware
+async def cors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Cross-origin calls from the pages of [server] cors_origins (none by default)."""
+    origin = request.headers.get("Origin")
+    allowed = server_of(request).cfg.server.cors_origins
+    if not origin or not (origin in allowed or "*" in allowed):
+        return await handler(request)
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        response: web.StreamResponse = web.Response(status=204, headers={
+            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600"})
+    else:
+        response = await handler(request)
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Expose-Headers"] = "Location, Retry-After"
+    response.headers["Vary"] = "Origin"
+    return response
+
 
 
 @web.middleware
@@ -195,29 +221,43 @@ def base_url(request: web.Request) -> str:
     return public.rstrip("/") if public else f"{request.scheme}://{request.host}"
 
 
+async def _read_form(request: web.Request, fields: dict[str, Any]) -> np.ndarray | None:
+    """A flat multipart form: text fields into `fields`, the decoded `image` part returned."""
+    image: np.ndarray | None = None
+    reader = await request.multipart()
+    parts = 0
+    while (part := await reader.next()) is not None:
+        parts += 1
+        if not isinstance(part, BodyPartReader) or parts > 8:
+            raise bad_request("malformed_form", "expected a flat form of at most 8 fields")
+        if part.name == "image":
+            image = await _decode_image(request, bytes(await part.read()))
+        elif part.name:
+            text = await part.read(decode=True)
+            if len(text) > 4096:
+                raise bad_request("field_too_long", f"form field {part.name!r} is longer "
+                                  "than 4096 bytes")
+            try:
+                fields[part.name] = text.decode().strip()
+            except UnicodeDecodeError:
+                raise bad_request("malformed_form", f"form field {part.name!r} is not "
+                                  "UTF-8 text") from None
+    return image
+
+
 async def _session_params(request: web.Request) -> SessionParams:
     srv = server_of(request)
     fields: dict[str, Any] = {}
     image: np.ndarray | None = None
     if request.content_type == "multipart/form-data":
-        reader = await request.multipart()
-        parts = 0
-        while (part := await reader.next()) is not None:
-            parts += 1
-            if not isinstance(part, BodyPartReader) or parts > 8:
-                raise bad_request("malformed_form", "expected a flat form of at most 8 fields")
-            if part.name == "image":
-                image = await _decode_image(request, bytes(await part.read()))
-            elif part.name:
-                text = await part.read(decode=True)
-                if len(text) > 4096:
-                    raise bad_request("field_too_long", f"form field {part.name!r} is longer "
-                                      "than 4096 bytes")
-                try:
-                    fields[part.name] = text.decode().strip()
-                except UnicodeDecodeError:
-                    raise bad_request("malformed_form", f"form field {part.name!r} is not "
-                                      "UTF-8 text") from None
+        try:
+            image = await _read_form(request, fields)
+        except (ValueError, AssertionError, LookupError, aiohttp.ClientPayloadError) as exc:
+            # aiohttp's reader raises plain ValueErrors for a boundary that never appears, a
+            # missing boundary parameter, or a body that ends mid-part
+            raise bad_request("malformed_form", f"the multipart body cannot be read ({exc}); "
+                              "send multipart/form-data with an 'image' file part, or "
+                              "JSON") from None
     elif request.can_read_body:
         require_content_type(request, "application/json", "multipart/form-data")
         try:
@@ -257,15 +297,30 @@ async def _session_params(request: web.Request) -> SessionParams:
     prompt = str(fields.get("prompt") or DEFAULT_PROMPT)
     if len(prompt) > 2000:
         raise bad_request("invalid_prompt", "the prompt is longer than 2000 characters")
-    return SessionParams(image=image, prompt=prompt,
-                         size=str(fields.get("size") or srv.cfg.sessions.default_size), seed=seed)
+    size = str(fields.get("size") or srv.cfg.sessions.default_size)
+    _check_size(srv.ready_manager().engine, size)
+    return SessionParams(image=image, prompt=prompt, size=size, seed=seed)
+
+
+def _check_size(engine: Engine, size: str) -> None:
+    """A well-formed size budget within the engine's maximum (its memory was planned for it)."""
+    try:
+        area, limit = parse_area(size), parse_area(engine.max_size)
+    except InputError as exc:
+        raise ApiError(422, "invalid_session_params", str(exc)) from None
+    if area > limit:
+        raise ApiError(400, "size_too_large", f"size {size!r} ({area} pixels) is larger than "
+                       f"this server's maximum {engine.max_size!r} ({limit} pixels, [engine] "
+                       "max_size); ask for that or less")
 
 
 async def _decode_image(request: web.Request, data: bytes) -> np.ndarray:
     """Decode an upload on the encoder pool (a big picture takes a while)."""
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(server_of(request).executor, read_image, data)
+        limits = server_of(request).cfg.sessions
+        return await loop.run_in_executor(server_of(request).executor, functools.partial(
+            read_image, data, max_side=limits.max_image_side))
     except MediaError as exc:
         raise ApiError(415, "unsupported_image", f"{exc}") from None
 
@@ -274,6 +329,7 @@ async def create_session(request: web.Request) -> web.Response:
     srv = server_of(request)
     srv.auth.require_key(request)
     manager = srv.ready_manager()
+    srv.creations.check(CreationLimit.client(Auth.bearer(request), request.remote))
     params = await _session_params(request)
     try:  # the manager turns capacity and input errors into ApiErrors already
         session = await manager.create(params)
@@ -512,7 +568,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 def build_app(cfg: StreamConfig, engine: Engine | None = None) -> web.Application:
     """The aiohttp app. `engine` overrides [engine] (tests pass a ready engine)."""
-    app = web.Application(middlewares=[json_errors], client_max_size=cfg.server.max_upload_bytes)
+    app = web.Application(middlewares=[cors, json_errors],
+                          client_max_size=cfg.server.max_upload_bytes)
     server = Server(cfg, engine)
     app[STATE] = {"server": server}
     app.on_startup.append(server.start)

@@ -131,7 +131,8 @@ class Auth:
     # 2. requests ----------------------------------------------------------------------------
 
     @staticmethod
-    def _header(request: web.BaseRequest) -> str | None:
+    def bearer(request: web.BaseRequest) -> str | None:
+        """The credential of an `Authorization: Bearer` header, if any."""
         header = request.headers.get("Authorization", "")
         return header[7:].strip() if header.lower().startswith("bearer ") else None
 
@@ -146,7 +147,7 @@ class Auth:
     def require_key(self, request: web.BaseRequest, what: str = "creating a session") -> None:
         """Key endpoints (sessions, /readyz, /metrics): an API key, or a local client in
         development mode."""
-        if self._is_key(self._header(request)):
+        if self._is_key(self.bearer(request)):
             return
         if self.open:
             if is_local(request):
@@ -162,7 +163,7 @@ class Auth:
                         scope: str = "view") -> dict[str, Any] | None:
         """Session endpoints: a token of the session with `scope`, or an API key. Returns the
         token's claims (None for a key)."""
-        header = self._header(request)
+        header = self.bearer(request)
         if self._is_key(header):
             return None
         given = header or request.query.get("token")

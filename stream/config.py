@@ -69,14 +69,31 @@ class ServerConfig:
     # default, so an OBS source can still reconnect late in a long stream
     token_ttl_s: float = 4 * 3600.0
     max_upload_bytes: int = 10_000_000
+    max_session_creations_per_minute: int = 60  # per API key (development mode: per address)
     public_url: str = ""  # base of returned links; empty: taken from each request's Host
+    # browser origins (e.g. "https://app.example.org", or "*") allowed to call the API from
+    # their own pages (CORS); empty: only the server's own pages
+    cors_origins: tuple = ()
+    # HTTPS and WSS on the server's port: a PEM certificate (chain) and its private key (paths
+    # relative to the config file). Browsers give the microphone only to https or localhost.
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         _range("server.port", self.port, 0, 65535)
         _range("server.token_ttl_s", self.token_ttl_s, 1.0, 7 * 86400.0)
         _range("server.max_upload_bytes", self.max_upload_bytes, 1024, 200_000_000)
+        _range("server.max_session_creations_per_minute", self.max_session_creations_per_minute,
+               1, 100_000)
         if not all(isinstance(k, str) and len(k) >= 16 for k in self.api_keys):
             raise ConfigError("server.api_keys: every key must be a string of >= 16 characters")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("server.tls_cert and server.tls_key go together: set both (PEM "
+                              "files) for HTTPS, or neither")
+        if not all(isinstance(o, str) and (o == "*" or o.startswith(("http://", "https://")))
+                   for o in self.cors_origins):
+            raise ConfigError(f"server.cors_origins={list(self.cors_origins)}: each entry is an "
+                              "origin such as \"https://app.example.org\", or \"*\"")
         if self.token_secret and len(self.token_secret) < 32:
             raise ConfigError("server.token_secret: at least 32 characters (e.g. the output of "
                               "`python -c \"import secrets; print(secrets.token_urlsafe(48))\"`)"
@@ -129,11 +146,13 @@ class SessionsConfig:
     max_length_s: float = 4 * 3600.0
     max_viewers: int = 16
     default_size: str = "704*384"
+    max_image_side: int = 8192  # uploaded avatar pictures: larger sides are refused (415)
 
     def __post_init__(self) -> None:
         _range("sessions.idle_timeout_s", self.idle_timeout_s, 1.0, 86400.0)
         _range("sessions.max_length_s", self.max_length_s, 1.0, 30 * 86400.0)
         _range("sessions.max_viewers", self.max_viewers, 1, 1000)
+        _range("sessions.max_image_side", self.max_image_side, 64, 16384)
 
 
 @dataclass(frozen=True)
@@ -183,11 +202,15 @@ class StreamConfig:
             raise ConfigError("[avatars] maps names to image paths: name = \"path/to/image.jpg\"")
         base = base_dir or Path.cwd()
         avatars = {k: str((base / v).resolve()) if v else "" for k, v in avatars.items()}
+        server_raw = raw.get("server")
+        if isinstance(server_raw, dict):  # TLS files are relative to the config file
+            server_raw = {k: str((base / v).resolve()) if k in ("tls_cert", "tls_key") and v
+                          and isinstance(v, str) else v for k, v in server_raw.items()}
         engine_raw = dict(raw.get("engine", {}))
         if engine_raw.get("checkpoint"):
             engine_raw["checkpoint"] = str((base / engine_raw["checkpoint"]).resolve())
         return cls(
-            server=_parse(ServerConfig, "server", raw.get("server")),
+            server=_parse(ServerConfig, "server", server_raw),
             webrtc=_parse(WebRTCConfig, "webrtc", raw.get("webrtc")),
             media=_parse(MediaConfig, "media", raw.get("media")),
             sessions=_parse(SessionsConfig, "sessions", raw.get("sessions")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import ssl
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from aiohttp import web
 
 from engine.api import ConfigError, EngineConfig
 from stream.app import AccessLogger, build_app
-from stream.config import StreamConfig
+from stream.config import ServerConfig, StreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,33 @@ def run_command(args: argparse.Namespace) -> int:
         engine = f"the model at {cfg.engine.checkpoint}"
     else:
         engine = "the PREVIEW engine (no checkpoint configured)"
-    print(f"avatar server on http://{host}:{port}/call with {engine}; config: "
+    try:
+        tls = ssl_context(cfg.server)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    scheme = "https" if tls else "http"
+    print(f"avatar server on {scheme}://{host}:{port}/call with {engine}; config: "
           f"{path or 'built-in defaults'}", flush=True)
     web.run_app(build_app(cfg), host=host, port=port, print=None, shutdown_timeout=5.0,
-                access_log_class=AccessLogger)
+                access_log_class=AccessLogger, ssl_context=tls)
     return 0
+
+
+def ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
+    """HTTPS (and WSS) from [server] tls_cert and tls_key, or None for plain HTTP."""
+    if not cfg.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"server.tls_cert / server.tls_key: {exc.filename} does not "
+                          "exist") from None
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"server.tls_cert={cfg.tls_cert!r} with server.tls_key="
+                          f"{cfg.tls_key!r}: not a PEM certificate and its key ({exc})") from None
+    return context
 
 
 def with_random_weights(engine: EngineConfig) -> EngineConfig:

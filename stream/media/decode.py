@@ -19,11 +19,15 @@ class MediaError(ValueError):
 
 
 MAX_IMAGE_SIDE = 8192  # refused above this, before decoding
+MAX_ASPECT = 4.0  # the video takes the picture's aspect: a 1:10 strip would make a 64x4224 video
 FIT_SIDE = 2048  # larger images are scaled down to this on decode (the model uses <= 1280)
+IMAGE_CODECS = {"mjpeg", "png", "webp", "bmp", "gif", "tiff", "jpeg2000", "jpegls", "ppm",
+                "pgm", "pgmyuv", "pbm", "pam", "qoi", "targa"}
 
 
-def read_image(source: str | Path | bytes) -> np.ndarray:
-    """JPEG/PNG/WebP/BMP/... -> uint8 [H, W, 3] RGB (first frame of anything PyAV opens).
+def read_image(source: str | Path | bytes, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
+    """JPEG/PNG/WebP/BMP/... -> uint8 [H, W, 3] RGB: a still image, at most `max_side` pixels a
+    side (checked from the header, before decoding) and at most 4:1.
 
     CPU-heavy for big pictures: call it off the event loop.
     """
@@ -34,9 +38,12 @@ def read_image(source: str | Path | bytes) -> np.ndarray:
             if not c.streams.video:
                 raise MediaError(f"{name}: no image in it; send a JPEG, PNG or WebP picture")
             ctx = c.streams.video[0].codec_context
-            _check_side(name, ctx.width, ctx.height)  # from the header: before any decoding
+            if ctx.name not in IMAGE_CODECS:  # a video or anything else FFmpeg happens to open
+                raise MediaError(f"{name}: a {ctx.name} stream is not a still image; send a "
+                                 "JPEG, PNG or WebP picture")
+            _check_side(name, ctx.width, ctx.height, max_side)  # from the header: not decoded
             frame = next(c.decode(video=0))
-            _check_side(name, frame.width, frame.height)
+            _check_side(name, frame.width, frame.height, max_side)
             if max(frame.width, frame.height) > FIT_SIDE:
                 scale = FIT_SIDE / max(frame.width, frame.height)
                 frame = frame.reformat(width=max(1, round(frame.width * scale)),
@@ -52,10 +59,13 @@ def read_image(source: str | Path | bytes) -> np.ndarray:
                          "picture") from None
 
 
-def _check_side(name: str, width: int, height: int) -> None:
-    if max(width, height) > MAX_IMAGE_SIDE:
-        raise MediaError(f"{name}: {width}x{height} is too large (at most {MAX_IMAGE_SIDE} "
+def _check_side(name: str, width: int, height: int, max_side: int) -> None:
+    if max(width, height) > max_side:
+        raise MediaError(f"{name}: {width}x{height} is too large (at most {max_side} "
                          "pixels a side); scale it down first")
+    if width and height and max(width, height) > MAX_ASPECT * min(width, height):
+        raise MediaError(f"{name}: {width}x{height} is too elongated for an avatar (at most "
+                         f"{MAX_ASPECT:g}:1); crop it around the face first")
 
 
 def read_audio(source: str | Path, rate: int = SAMPLE_RATE) -> np.ndarray:
