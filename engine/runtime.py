@@ -111,6 +111,7 @@ class EngineRuntime:
         self._reserved = 0  # sessions being opened (counted against capacity)
         self._lock = threading.Lock()
         self._stopping = False
+        self._progress_at = time.monotonic()  # the last block done (or session opened)
         self._abandoned: set[str] = set()  # closed before their open finished
         # sessions are set up on their own thread: seconds of VAE/T5/prefill work for the real
         # model must not stall the blocks of the sessions already running
@@ -128,6 +129,14 @@ class EngineRuntime:
     @property
     def active(self) -> int:
         return len(self._slots)
+
+    def stalled_for(self) -> float:
+        """Seconds since the last block was done while sessions are running (0 when idle).
+        Every running session makes a block at least every 0.48 s (silence when no audio
+        comes), so a large value means the engine is stuck: a watchdog reads this."""
+        if not self._slots:
+            return 0.0
+        return max(0.0, time.monotonic() - self._progress_at)
 
     def load(self) -> float:
         with self._lock:
@@ -275,6 +284,7 @@ class EngineRuntime:
             t0 = time.monotonic()
             with self._lock:
                 self._slots[sid] = _Slot(sid, session, t0, on_block, on_error)
+                self._progress_at = max(self._progress_at, t0)
             if sid in self._abandoned:
                 self._abandoned.discard(sid)
                 self._close(sid)
@@ -360,6 +370,7 @@ class EngineRuntime:
         self.loop.call_soon_threadsafe(slot.on_block, block)
 
     def _count(self, block: FrameBlock, spent: float) -> None:
+        self._progress_at = time.monotonic()
         self.stats.blocks += 1
         self.stats.silent_blocks += int(block.silent_samples > 0)
         self.stats.block_seconds_total += spent

@@ -547,13 +547,22 @@ async def readyz(request: web.Request) -> web.Response:
     engine = srv.manager.engine
     runtime = srv.manager.runtime
     capacity = max(0, runtime.max_sessions - runtime.active)
-    return web.json_response({
-        "ready": True, "status": "ready", "engine": engine.name,
+    stalled = runtime.stalled_for()
+    alive = runtime.alive and stalled <= srv.cfg.sessions.engine_watchdog_s
+    body: dict[str, Any] = {
+        "ready": alive, "status": "ready" if alive else "stuck", "engine": engine.name,
         "preview": engine.name == "preview",
         "random_weights": bool(getattr(engine, "random_weights", False)),
         "description": engine.description,
-        "sessions": runtime.active, "capacity": capacity, "load": round(runtime.load(), 3),
-    })
+        "sessions": runtime.active, "capacity": capacity if alive else 0,
+        "load": round(runtime.load(), 3),
+    }
+    if not alive:  # the watchdog: sessions are running but no block has come out
+        limit = srv.cfg.sessions.engine_watchdog_s
+        body["error"] = ("the engine thread has stopped" if not runtime.alive else
+                         f"no block done for {stalled:.1f} s while {runtime.active} sessions "
+                         f"run (sessions.engine_watchdog_s = {limit})")
+    return web.json_response(body, status=200 if alive else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -147,12 +147,15 @@ class SessionsConfig:
     max_viewers: int = 16
     default_size: str = "704*384"
     max_image_side: int = 8192  # uploaded avatar pictures: larger sides are refused (415)
+    # sessions running and no block done for this long: the engine is stuck (/readyz says so)
+    engine_watchdog_s: float = 30.0
 
     def __post_init__(self) -> None:
         _range("sessions.idle_timeout_s", self.idle_timeout_s, 1.0, 86400.0)
         _range("sessions.max_length_s", self.max_length_s, 1.0, 30 * 86400.0)
         _range("sessions.max_viewers", self.max_viewers, 1, 1000)
         _range("sessions.max_image_side", self.max_image_side, 64, 16384)
+        _range("sessions.engine_watchdog_s", self.engine_watchdog_s, 1.0, 3600.0)
 
 
 @dataclass(frozen=True)
