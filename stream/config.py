@@ -201,7 +201,8 @@ class StreamConfig:
         if unknown:
             raise ConfigError(f"config has unknown section(s) {unknown}; accepted: {sorted(known)}")
         avatars = raw.get("avatars", {})
-        if not isinstance(avatars, dict) or not all(isinstance(v, str) for v in avatars.values()):
+        if not isinstance(avatars, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in avatars.items()):
             raise ConfigError("[avatars] maps names to image paths: name = \"path/to/image.jpg\"")
         base = base_dir or Path.cwd()
         avatars = {k: str((base / v).resolve()) if v else "" for k, v in avatars.items()}
@@ -209,8 +210,11 @@ class StreamConfig:
         if isinstance(server_raw, dict):  # TLS files are relative to the config file
             server_raw = {k: str((base / v).resolve()) if k in ("tls_cert", "tls_key") and v
                           and isinstance(v, str) else v for k, v in server_raw.items()}
-        engine_raw = dict(raw.get("engine", {}))
-        if engine_raw.get("checkpoint"):
+        engine_raw = raw.get("engine", {})
+        if not isinstance(engine_raw, dict):
+            raise ConfigError(f"[engine] must be a table, got {engine_raw!r}")
+        engine_raw = dict(engine_raw)
+        if engine_raw.get("checkpoint") and isinstance(engine_raw["checkpoint"], str):
             engine_raw["checkpoint"] = str((base / engine_raw["checkpoint"]).resolve())
         return cls(
             server=_parse(ServerConfig, "server", server_raw),

@@ -34,7 +34,14 @@ from stream.media.fanout import SessionMedia
 from stream.media.timeline import FrameStore, MediaClock, PlayoutAudio, PlayoutOverflow
 from stream.media.tracks import AvatarAudioTrack, AvatarVideoTrack
 from stream.media.utterances import CutEngine, SpeechSource
-from stream.webrtc import answer_offer, negotiated_video_codec, prefer_codecs, rtc_configuration
+from stream.webrtc import (
+    PeerConnection,
+    answer_offer,
+    negotiated_video_codec,
+    offered_kinds,
+    prefer_codecs,
+    rtc_configuration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +228,19 @@ class Session:
 
     async def _add_peer(self, kind: str, offer_sdp: str) -> tuple[Peer, str]:
         pid = secrets.token_urlsafe(8)
-        pc = RTCPeerConnection(rtc_configuration(self.cfg.webrtc))
+        pc = PeerConnection(rtc_configuration(self.cfg.webrtc),
+                            on_failure=lambda: self._spawn(self.remove_peer(pid),
+                                                           f"drop-{self.id}-{pid}"))
         video = AvatarVideoTrack(self.clock, self.frames, self.cfg.media, self.executor,
                                  mode="latest" if kind == "whep" else "paced",
                                  on_sent=self._count_frame)
         audio = AvatarAudioTrack(self.clock, self.playout)
         peer = Peer(pid, kind, pc, video, audio)
-        pc.addTrack(audio)
-        pc.addTrack(video)
+        kinds = offered_kinds(offer_sdp)
+        if "audio" in kinds:
+            pc.addTrack(audio)
+        if "video" in kinds:
+            pc.addTrack(video)
         prefer_codecs(pc, "video", self.cfg.webrtc.video_codecs)
         if kind == "caller":
             pc.on("track", lambda track: self._on_remote_track(peer, track))

@@ -197,6 +197,12 @@ def pack_media(packet: MediaPacket) -> bytes:
 
 
 def unpack_media(data: bytes) -> tuple[int, int, int, int, bytes]:
-    """(kind, flags, duration_ms, pts_ms, payload) of a server binary frame."""
+    """(kind, flags, duration_ms, pts_ms, payload) of a server binary frame; ValueError for
+    bytes that are not one (shorter than a header, or a header length outside it)."""
+    if len(data) < HEADER.size:
+        raise ValueError(f"a media frame starts with a {HEADER.size}-byte header; got "
+                         f"{len(data)} bytes")
     kind, flags, size, duration, pts = HEADER.unpack_from(data)
+    if not HEADER.size <= size <= len(data):
+        raise ValueError(f"media header length {size} is outside {HEADER.size}..{len(data)}")
     return kind, flags, duration, pts, data[size:]

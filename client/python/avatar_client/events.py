@@ -134,6 +134,12 @@ class MediaFrame:
 
 
 def parse_media(data: bytes) -> MediaFrame:
+    """A server binary frame; ValueError for bytes that are not one."""
+    if len(data) < _HEADER.size:
+        raise ValueError(f"a media frame starts with a {_HEADER.size}-byte header; got "
+                         f"{len(data)} bytes")
     kind, flags, size, duration, pts = _HEADER.unpack_from(data)
+    if not _HEADER.size <= size <= len(data):
+        raise ValueError(f"media header length {size} is outside {_HEADER.size}..{len(data)}")
     return MediaFrame(kind, bool(flags & FLAG_KEYFRAME), bool(flags & FLAG_DISCONTINUITY),
                       duration, pts, bytes(data[size:]))
