@@ -10,7 +10,7 @@ import logging
 import sys
 
 from engine import commands as engine_commands
-from stream import render, server
+from stream import render, server, soak
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     server.add_command(sub)
     render.add_command(sub)
+    soak.add_command(sub)
     engine_commands.add_commands(sub)
     return parser
 

@@ -194,9 +194,11 @@ class SpeechSource:
         if cut < released_end:
             self.playout.silence(cut, released_end)
         report: Utterance | None = None
+        silenced = 0  # the utterances' own samples after the cut (not the gaps between them)
         for utt in pending:
             if utt.ended:
                 continue
+            silenced += sum(max(0, e - max(s, cut)) for s, e in utt.spans)
             released_s = sum(e - s for s, e in utt.spans) / PLAYOUT_RATE
             utt.interrupted = (utt.id in was_open or not utt.spans
                                or any(e > cut for _, e in utt.spans)
@@ -204,11 +206,10 @@ class SpeechSource:
             if utt.interrupted:
                 utt.cut = cut
                 report = report or utt
-        silenced_s = max(0, released_end - cut) / PLAYOUT_RATE
         self._emit("input_audio.cleared", _ms(cut), {
             "utterance_id": report.id if report else None,
             "played_ms": _ms(report.played_samples()) if report else 0,
-            "dropped_ms": round((dropped_s + silenced_s) * 1000)})
+            "dropped_ms": round((dropped_s + silenced / PLAYOUT_RATE) * 1000)})
         self._wake.set()
 
     # 2. the loop: release, progress, level ----------------------------------------------------
