@@ -99,8 +99,13 @@ async def webrtc_viewers(http: ClientSession, s: dict, pid: int, n: int) -> floa
             assert count.frames_between("audio", start, stop) >= 0.85 * 25 * (stop - start)
         return cost
     finally:
-        for client, _ in viewers:
+        for client, _ in viewers:  # leave as a WHEP player does, then wait until they are gone
+            async with http.delete(f"{s['urls']['session'].rsplit('/v1/', 1)[0]}"
+                                   f"{client.location}",
+                                   headers={"Authorization": f"Bearer {s['token']}"}):
+                pass
             await client.close()
+        await until_no_viewers(http, s)
 
 
 async def ts_readers(http: ClientSession, s: dict, pid: int, n: int) -> float:
@@ -126,6 +131,21 @@ async def ts_readers(http: ClientSession, s: dict, pid: int, n: int) -> float:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await until_no_viewers(http, s)
+
+
+async def until_no_viewers(http: ClientSession, s: dict) -> None:
+    """Until the server has let every viewer go (the next figure must not include them)."""
+    async def count() -> int:
+        async with http.get(s["urls"]["session"],
+                            headers={"Authorization": f"Bearer {s['token']}"}) as r:
+            viewers = (await r.json())["viewers"]
+        return viewers["whep"] + viewers["mpegts"]
+
+    deadline = time.monotonic() + 15
+    while await count():
+        assert time.monotonic() < deadline, "viewers linger on the server"
+        await asyncio.sleep(0.2)
 
 
 async def test_viewers_share_the_encoders(tmp_path: Path) -> None:
