@@ -124,7 +124,7 @@ class Session:
         self.audio_in = AudioInput(clock, push_audio, self.playout)
         self.media = SessionMedia(clock, self.frames, self.playout, cfg.media, executor, sid,
                                   size)
-        self._ts: TsFeed | None = None  # the MPEG-TS feed, while stream.ts has readers
+        self.ts: TsFeed | None = None  # the MPEG-TS feed, made for the first stream.ts reader
         self.speech: SpeechSource | None = None  # made when a bot's socket first connects
         self._cut_audio = cut_audio
         self.peers: dict[str, Peer] = {}
@@ -163,9 +163,9 @@ class Session:
 
     def ts_feed(self) -> TsFeed:
         """The session's one MPEG-TS stream (the first rung in H.264, AAC audio)."""
-        if self._ts is None:
-            self._ts = TsFeed(self.media, self.media.rung("h264", 0), f"ts-{self.id}")
-        return self._ts
+        if self.ts is None:
+            self.ts = TsFeed(self.media, self.media.rung("h264", 0), f"ts-{self.id}")
+        return self.ts
 
     def idle_for(self) -> float:
         if self.viewer_count or self.sockets:
@@ -354,8 +354,8 @@ class Session:
             task.cancel()
         if readers:  # the readers leave the feed on the way out
             await asyncio.wait(readers, timeout=5.0)
-        if self._ts is not None:
-            await self._ts.aclose()
+        if self.ts is not None:
+            await self.ts.aclose()
         if self.speech is not None:
             await self.speech.aclose()
         await self.media.aclose()

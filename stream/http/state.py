@@ -127,6 +127,16 @@ class Server:
             m.family(name, text, kind, functools.partial(variants, field))
         m.family("avatar_media_keyframes_total", "Keyframes per output variant, by cause "
                  "(start, periodic, join, resync, pli, fir).", "counter", keyframes)
+        def ts_readers(field: str) -> Iterator[tuple[Labels, float]]:
+            for sid, s in list(sessions.items()):
+                for r in s.ts.figures() if s.ts is not None else ():
+                    yield {"session": sid, "reader": r["reader"]}, r[field]
+
+        m.family("avatar_ts_reader_bytes_total", "Bytes sent to each stream.ts reader.",
+                 "counter", functools.partial(ts_readers, "bytes_sent"))
+        m.family("avatar_ts_reader_lag_seconds", "Media time waiting for each stream.ts reader "
+                 "(cut beyond media.ts_max_lag_s).", "gauge",
+                 functools.partial(ts_readers, "lag_s"))
         for name, field, kind, text in (
                 ("avatar_viewer_frames_sent_total", "frames_sent", "counter",
                  "Video frames handed to each viewer."),

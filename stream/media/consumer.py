@@ -70,7 +70,6 @@ class MediaConsumer:
         self.video_dropped = 0  # offered to it but not queued (before a keyframe, or stale)
         self.video_taken = 0
         self.audio_taken = 0
-        self.video_bytes = 0
         self.repeated = 0  # frames taken whose picture repeats an older one
         self.skipped = 0  # frame times of its variant it got no frame for
 
@@ -144,7 +143,6 @@ class MediaConsumer:
 
     def _count_video(self, packet: MediaPacket) -> None:
         self.video_taken += 1
-        self.video_bytes += len(packet.data)
         self.repeated += packet.repeated
         index = packet.index
         if self._last_index is not None and self.variant is not None:

@@ -14,15 +14,17 @@ What the governor is told, per video receiver report (about one a second):
 
 - loss: the report's fraction lost;
 - queue: frames waiting in the viewer's send queue;
-- estimate: the latest REMB, but only as a limit when it says the path is congested. A receiver
-  that is not congested estimates from what it receives (at most 1.5x the incoming rate), and an
-  avatar's encoder often sends well under its nominal bitrate, so an unconstrained estimate can
-  sit far below the nominal bitrate of a variant that flows without trouble. The estimate counts
-  only when it is under `REMB_LIMIT_RATIO` of what the variant sends (its measured rate, at most
-  its nominal one: keyframe bursts do not count), i.e. when the receiver cut it well below what
-  it gets (an over-using receiver reports 0.85x its incoming rate; a noisy estimator on a busy
-  host dips about that far on a clean path, hence the margin). It is then scaled by the
-  variant's nominal/actual bitrate into the ladder's nominal units the governor compares against.
+- estimate: the REMB, but only as a limit when it says the path carries well under what the
+  variant sends. A receiver that is not congested estimates from what it receives (at most
+  1.5x the incoming rate, rising by about 8% a second), and an avatar's encoder often sends well
+  under its nominal bitrate and jumps when the avatar starts talking, so an unconstrained
+  estimate can sit far below the nominal bitrate of a variant that flows without trouble, and
+  lag behind its actual one. A receiver that detects over-use reports 0.85x its incoming rate,
+  which a busy host (a browser on a loaded laptop) does on clean paths too. So the estimate
+  (the highest of the last `REMB_WINDOW_S`: a dip must last) counts only when it is under
+  `REMB_LIMIT_RATIO` of what the variant sent over its last 5 s (at most its nominal rate);
+  milder congestion shows as loss. It is then scaled by the variant's nominal/actual bitrate
+  into the ladder's nominal units the governor compares against.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from aiortc import RTCRtpSender
@@ -49,8 +52,8 @@ from stream.media.tracks import AvatarVideoTrack
 
 log = logging.getLogger(__name__)
 
-REMB_LIMIT_RATIO = 0.7
-REMB_STALE_S = 5.0  # an estimate older than this is forgotten
+REMB_LIMIT_RATIO = 0.5
+REMB_WINDOW_S = 2.0
 
 RtcpHandler = Callable[[AnyRtcpPacket], Awaitable[None]]
 
@@ -86,8 +89,8 @@ class ViewerFeedback:
         self.governor = governor
         self.name = name
         self.on_change = on_change
-        self.remb_kbps: float | None = None
-        self._remb_at = 0.0
+        self.remb_kbps: float | None = None  # the latest
+        self._rembs: deque[tuple[float, float]] = deque()  # (when, kbit/s) of the last ones
         self.loss = 0.0
         self.reports = 0
         self.rembs = 0
@@ -110,7 +113,10 @@ class ViewerFeedback:
                     return  # an application-layer feedback that is not REMB
                 self.rembs += 1
                 self.remb_kbps = bitrate / 1000
-                self._remb_at = time.monotonic()
+                now = time.monotonic()
+                self._rembs.append((now, self.remb_kbps))
+                while self._rembs[0][0] < now - REMB_WINDOW_S:
+                    self._rembs.popleft()
         elif isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
             ssrc = self.sender._ssrc
             for report in packet.reports:
@@ -120,13 +126,15 @@ class ViewerFeedback:
     def estimate(self) -> float | None:
         """The REMB as a limit in the ladder's nominal kbit/s, or None (see the module doc)."""
         variant = self.track.consumer.variant
-        if (self.remb_kbps is None or variant is None
-                or time.monotonic() - self._remb_at > REMB_STALE_S):
+        now = time.monotonic()
+        recent = [kbps for at, kbps in self._rembs if at >= now - REMB_WINDOW_S]
+        if not recent or variant is None:
             return None
+        remb = max(recent)
         sent = min(variant.sent_kbps() or 0.0, variant.bitrate_kbps)
-        if not sent or self.remb_kbps >= REMB_LIMIT_RATIO * sent:
+        if not sent or remb >= REMB_LIMIT_RATIO * sent:
             return None
-        return self.remb_kbps * variant.bitrate_kbps / sent
+        return remb * variant.bitrate_kbps / sent
 
     async def _on_report(self, loss: float) -> None:
         self.reports += 1

@@ -91,10 +91,6 @@ class AvatarVideoTrack(_ConsumerTrack):
             if self._subscribed and self.readyState == "live":
                 await self._subscribe()
 
-    @property
-    def sent(self) -> int:
-        return self.consumer.video_taken
-
     async def recv(self) -> av.Packet:
         packet = await self._next()
         out = av.Packet(packet.data)

@@ -50,8 +50,7 @@ class TsReader:
         self._wake = asyncio.Event()
         self.started = False
         self.cut_reason: str | None = None
-        self.bytes_queued = 0
-        self.bytes_taken = 0
+        self.bytes_sent = 0
 
     @property
     def lag_s(self) -> float:
@@ -68,7 +67,6 @@ class TsReader:
                 return
             self.started = True
         self._chunks.append(chunk)
-        self.bytes_queued += len(chunk.data)
         self._wake.set()
         if self.lag_s > self.max_lag_s:
             self.cut(f"it fell {self.lag_s:.1f} s behind the stream (media.ts_max_lag_s = "
@@ -92,7 +90,7 @@ class TsReader:
             return None
         data = b"".join(c.data for c in self._chunks)
         self._chunks.clear()
-        self.bytes_taken += len(data)
+        self.bytes_sent += len(data)
         return data
 
 
@@ -109,7 +107,6 @@ class TsFeed:
         self._muxer = TsMuxer()
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
-        self.chunks = 0
 
     async def add(self, reader: TsReader) -> None:
         async with self._lock:
@@ -143,6 +140,10 @@ class TsFeed:
             self.readers.clear()
             await self._stop()
 
+    def figures(self) -> list[dict]:
+        return [{"reader": r.name, "bytes_sent": r.bytes_sent, "lag_s": round(r.lag_s, 3)}
+                for r in self.readers.values()]
+
     def _mux(self, packet: MediaPacket) -> TsChunk:
         if packet.kind == "video":
             data = self._muxer.video(packet.data, ms_to_clock(packet.pts_ms), packet.keyframe)
@@ -156,6 +157,5 @@ class TsFeed:
             await self.consumer.wait()
             while (packet := self.consumer.get_nowait()) is not None:
                 chunk = self._mux(packet)
-                self.chunks += 1
                 for reader in list(self.readers.values()):
                     reader.offer(chunk)

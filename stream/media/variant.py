@@ -55,7 +55,7 @@ CODECS = ("h264", "vp8", "jpeg")
 AUDIO_CODECS = ("pcm", "opus", "aac")
 KEYFRAME_BURST = 2  # repairs (PLI, FIR, resync): this many at once, then keyframe_requests_per_s
 JOIN_BURST, JOIN_KEYFRAMES_PER_S = 4, 2.0  # consumers joining: their own, separate budget
-RATE_WINDOW_S = 2.0  # the measured bitrate of a variant covers this much recent time
+RATE_WINDOW_S = 5.0  # the measured bitrate of a variant covers this much recent time
 
 
 # 1. Keys and the ladder -------------------------------------------------------------------------

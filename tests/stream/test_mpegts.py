@@ -136,6 +136,9 @@ async def test_a_reader_that_stops_reading_is_cut(tmp_path: Path,
             stuck.sendall(f"GET {url.path}?{url.query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             try:
                 assert await wait_for(lambda: len(session.ts_readers) == 2, 10)
+                async with http.get(f"{base}/metrics") as r:
+                    text = await r.text()
+                assert text.count('avatar_ts_reader_lag_seconds{reader="ts-') == 2
                 with caplog.at_level(logging.WARNING, logger="stream.media.ts_feed"):
                     assert await wait_for(lambda: len(session.ts_readers) == 1, 20)
                 assert "fell" in caplog.text and "media.ts_max_lag_s" in caplog.text

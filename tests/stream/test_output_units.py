@@ -168,3 +168,78 @@ def test_a_ladder_from_toml() -> None:
     cfg = StreamConfig.parse({"media": {"variants": [{"size": "960*540", "bitrate_kbps": 2000},
                                                      {"size": "480*270", "fps": 12.5}]}})
     assert cfg.media.variants == (Rung("960*540", 25.0, 2000), Rung("480*270", 12.5, 1000))
+
+
+async def test_feedback_counts_remb_only_as_a_real_limit_and_moves_with_hysteresis() -> None:
+    """ViewerFeedback on hand-made RTCP: a REMB that follows an app-limited stream is no limit;
+    one far under what the variant sends is, in nominal units; two bad reports move."""
+    from aiortc.rtp import (
+        RTCP_PSFB_APP,
+        RTCP_PSFB_PLI,
+        RtcpPsfbPacket,
+        RtcpReceiverInfo,
+        RtcpRrPacket,
+        pack_remb_fci,
+    )
+
+    from stream.governor import OutputGovernor
+    from stream.media.feedback import ViewerFeedback
+
+    class Sender:
+        _ssrc = 1234
+
+        async def _handle_rtcp_packet(self, packet: object) -> None:
+            pass
+
+    class Variant:
+        bitrate_kbps = 1500
+        sent = 300.0  # an avatar's encoder, far under its nominal rate
+        requested: list[str] = []
+
+        def sent_kbps(self) -> float:
+            return self.sent
+
+        def request_keyframe(self, cause: str) -> None:
+            self.requested.append(cause)
+
+    class Track:
+        def __init__(self) -> None:
+            self.rung = 0
+            self.consumer = MediaConsumer("v")
+            self.consumer.variant = Variant()  # type: ignore[assignment]
+
+        async def move_to(self, rung: int) -> None:
+            self.rung = rung
+
+    ladder = ladder_for(MediaConfig().variants, (704, 384))
+
+    def viewer() -> tuple[Track, Sender, ViewerFeedback]:
+        track, sender = Track(), Sender()
+        tap = ViewerFeedback(track, sender, OutputGovernor(ladder), "v")  # type: ignore[arg-type]
+        return track, sender, tap
+
+    async def remb(sender: Sender, kbps: float) -> None:
+        await sender._handle_rtcp_packet(RtcpPsfbPacket(
+            fmt=RTCP_PSFB_APP, ssrc=9, media_ssrc=0, fci=pack_remb_fci(int(kbps * 1000), [1234])))
+
+    async def report(sender: Sender, loss: float = 0.0) -> None:
+        await sender._handle_rtcp_packet(RtcpRrPacket(ssrc=9, reports=[RtcpReceiverInfo(
+            1234, round(loss * 256), 0, 0, 0, 0, 0)]))
+
+    track, sender, feedback = viewer()
+    await remb(sender, 460)  # 1.5x what it gets: nothing to say about the path
+    assert feedback.estimate() is None
+    for _ in range(3):
+        await report(sender)
+    assert track.rung == 0
+
+    track, sender, feedback = viewer()
+    await remb(sender, 120)  # well under half of the 300 kbit/s it is sent: a limit
+    await remb(sender, 100)  # (the higher of the last 2 s counts)
+    assert feedback.estimate() == pytest.approx(120 * 1500 / 300)  # in nominal units
+    await report(sender)
+    assert track.rung == 0  # one bad report is not enough
+    await report(sender)
+    assert track.rung == 2  # 600 nominal x 0.85 fits 352x192 at 350 kbit/s
+    await sender._handle_rtcp_packet(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=9, media_ssrc=1234))
+    assert Variant.requested == ["pli"] and feedback.keyframe_requests["pli"] == 1
