@@ -121,7 +121,7 @@ class Server:
                 ("avatar_media_frames_encoded_total", "frames_encoded", "counter",
                  "Frames encoded, per session and output variant."),
                 ("avatar_media_frames_skipped_busy_total", "frames_skipped_busy", "counter",
-                 "Frames not encoded because the variant's encoder was still busy."),
+                 "Frames not encoded because the variant's encoder fell behind (stale)."),
                 ("avatar_media_consumers", "consumers", "gauge",
                  "Consumers of each output variant (WebRTC viewers, the TS feed, sockets).")):
             m.family(name, text, kind, functools.partial(variants, field))

@@ -2,9 +2,10 @@
 
 A video variant is (codec, width, height, frame rate, bitrate). The session's ladder comes from
 [media] variants (pixel-area budgets in the session's aspect), and a WebSocket client may ask
-for a size of its own. A variant encodes on the dedicated executor, one frame at a time: the
-newest tick wins (a tick that arrives while the encoder is busy is skipped: stale video drops),
-and every packet is offered to every consumer without waiting for any of them.
+for a size of its own. A variant encodes on the dedicated executor, one frame at a time, in
+order; a late event loop hands it a few ticks at once (the pacer catches up), and those are all
+encoded, but beyond `ENCODE_BACKLOG` waiting ticks the oldest is skipped (stale video drops,
+latency stays bounded). Every packet is offered to every consumer without waiting for any.
 
 Keyframes: the first frame, every `keyframe_interval_s` (the encoder's GOP), and on request:
 a consumer joining or resynchronising, a WebRTC viewer's PLI or FIR. Requests pass token
@@ -46,7 +47,7 @@ from stream.media.encoder import (
     VideoEncoder,
     Vp8Encoder,
 )
-from stream.media.pacer import Tick
+from stream.media.pacer import MAX_LATE_FRAMES, Tick
 from stream.media.timeline import PLAYOUT_RATE, SAMPLES_PER_VIDEO_FRAME
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ CODECS = ("h264", "vp8", "jpeg")
 AUDIO_CODECS = ("pcm", "opus", "aac")
 KEYFRAME_BURST = 2  # repairs (PLI, FIR, resync): this many at once, then keyframe_requests_per_s
 JOIN_BURST, JOIN_KEYFRAMES_PER_S = 4, 2.0  # consumers joining: their own, separate budget
+ENCODE_BACKLOG = MAX_LATE_FRAMES + 1  # what the pacer delivers at once before it jumps ahead
 RATE_WINDOW_S = 5.0  # the measured bitrate of a variant covers this much recent time
 
 
@@ -195,14 +197,14 @@ class VideoVariant:
         self.consumers: set[MediaConsumer] = set()
         self.keyframe_requests = KeyframeRequests(media.keyframe_requests_per_s)
         self.keyframes: Counter[str] = Counter()  # made, by cause
-        self._latest: Tick | None = None
+        self._waiting: deque[Tick] = deque()
         self._wake = asyncio.Event()
         self._started = False
         self._encoder: VideoEncoder | None = None
         self._black = np.zeros((key.height, key.width, 3), np.uint8)
         self._sizes: deque[tuple[float, int]] = deque()
         self.encoded = 0
-        self.skipped = 0  # ticks not encoded because the encoder was still busy
+        self.skipped = 0  # ticks not encoded: ENCODE_BACKLOG were already waiting
         self.encode_seconds = 0.0
         self.bytes = 0
         self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
@@ -214,20 +216,21 @@ class VideoVariant:
     def on_tick(self, tick: Tick) -> None:
         if not tick.shown or not self.key.takes(tick.index):
             return
-        if self._latest is not None:
-            self.skipped += 1  # the encoder is still busy: the older tick is stale
-        self._latest = tick
+        if len(self._waiting) >= ENCODE_BACKLOG:
+            self._waiting.popleft()  # the encoder cannot keep up: the oldest tick is stale
+            self.skipped += 1
+        self._waiting.append(tick)
         self._wake.set()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         duration = round(1000 / self.key.fps)
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            tick, self._latest = self._latest, None
-            if tick is None:
+            if not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
                 continue
+            tick = self._waiting.popleft()
             cause = "start" if not self._started else self.keyframe_requests.take()
             try:
                 out, seconds = await loop.run_in_executor(self.executor, self._encode, tick,
