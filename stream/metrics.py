@@ -1,5 +1,6 @@
-"""The server's metrics, produced by prometheus_client: counters, histograms, gauges read at
-scrape time, process figures, and the event loop's wake-up lag.
+"""The server's metrics, produced by prometheus_client: counters, histograms, gauges and labelled
+families read at scrape time (from live objects: per session, variant and viewer), process
+figures, and the event loop's wake-up lag.
 
 Each `Metrics` owns its own registry (one per server: tests run several servers in a process).
 Call sites name a metric and its labels; the metric is created on first use with the label names
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -24,6 +25,11 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+Labels = dict[str, str]
+SeriesReader = Callable[[], Iterable[tuple[Labels, float]]]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -46,6 +52,30 @@ HELP = {
                                       "server (the engine's share of the latency).",
 }
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class _Family(Collector):
+    """A metric of many labelled series read at scrape time; series come and go with what
+    they describe (a session, a variant, a viewer)."""
+
+    def __init__(self, name: str, help_text: str, kind: str, read: SeriesReader):
+        self.name = name.removesuffix("_total") if kind == "counter" else name
+        self.help_text, self.kind, self.read = help_text, kind, read
+
+    def _empty(self, labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
+        cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        return cls(self.name, self.help_text, labels=labels)
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._empty([])
+
+    def collect(self) -> Iterator[Metric]:
+        series = [(dict(labels), value) for labels, value in self.read()]
+        names = sorted({k for labels, _ in series for k in labels})
+        family = self._empty(names)
+        for labels, value in series:
+            family.add_metric([str(labels.get(k, "")) for k in names], value)
+        yield family
 
 
 class Metrics:
@@ -83,6 +113,13 @@ class Metrics:
         """A gauge whose value is `read()` at scrape time."""
         with self._lock:
             Gauge(name, help_text, registry=self.registry).set_function(read)
+
+    def family(self, name: str, help_text: str, kind: str, read: SeriesReader) -> None:
+        """A metric of many labelled series, read at scrape time (`kind`: counter | gauge)."""
+        if kind not in ("counter", "gauge"):
+            raise ValueError(f"kind {kind!r}: accepted counter, gauge")
+        with self._lock:
+            self.registry.register(_Family(name, help_text, kind, read))
 
     def get(self, name: str, **labels: str) -> float:
         """A counter's current value (0 if it never counted)."""

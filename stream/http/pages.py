@@ -1,0 +1,62 @@
+"""The pages (call page, OBS page, static files) and the operational endpoints: liveness,
+readiness (the engine loaded and warm, capacity left) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from stream.http.state import server_of
+from stream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+WEB_DIR = Path(__file__).resolve().parents[2] / "client" / "web"
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    name = "call.html" if request.path.startswith("/call") else "obs.html"
+    return web.FileResponse(WEB_DIR / name, headers={"Cache-Control": "no-store"})
+
+
+async def index(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/call")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    srv = server_of(request)
+    srv.auth.require_key(request, "reading /readyz")
+    if srv.manager is None:
+        status = "failed" if srv.loading_error else "loading"
+        return web.json_response({"ready": False, "status": status, "error": srv.loading_error},
+                                 status=503)
+    engine = srv.manager.engine
+    runtime = srv.manager.runtime
+    capacity = max(0, runtime.max_sessions - runtime.active)
+    stalled = runtime.stalled_for()
+    alive = runtime.alive and stalled <= srv.cfg.sessions.engine_watchdog_s
+    body: dict[str, Any] = {
+        "ready": alive, "status": "ready" if alive else "stuck", "engine": engine.name,
+        "preview": engine.name == "preview",
+        "random_weights": bool(getattr(engine, "random_weights", False)),
+        "description": engine.description,
+        "sessions": runtime.active, "capacity": capacity if alive else 0,
+        "load": round(runtime.load(), 3),
+    }
+    if not alive:  # the watchdog: sessions are running but no block has come out
+        limit = srv.cfg.sessions.engine_watchdog_s
+        body["error"] = ("the engine thread has stopped" if not runtime.alive else
+                         f"no block done for {stalled:.1f} s while {runtime.active} sessions "
+                         f"run (sessions.engine_watchdog_s = {limit})")
+    return web.json_response(body, status=200 if alive else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    server_of(request).auth.require_key(request, "reading /metrics")
+    return web.Response(body=server_of(request).metrics.render().encode(),
+                        headers={"Content-Type": METRICS_CONTENT_TYPE,
+                                 "X-Content-Type-Options": "nosniff"})
