@@ -38,14 +38,12 @@ HELP = {
     "avatar_sessions_ended_total": "Sessions ended, by reason.",
     "avatar_sessions_rejected_total": "Session requests refused, by reason.",
     "avatar_blocks_total": "Frame blocks (12 frames) received from the engine.",
-    "avatar_frames_sent_total": "Video frames sent to viewers (rate: delivered fps), by kind.",
     "avatar_peers_total": "WebRTC peers connected, by kind.",
     "avatar_http_errors_total": "Error responses, by code.",
     "avatar_ws_connections_total": "Bot WebSocket connections accepted.",
     "avatar_ws_messages_total": "Bot WebSocket messages received, by type (audio: binary).",
     "avatar_ws_errors_total": "Bot WebSocket errors and policy closes, by code.",
     "avatar_tier_changes_total": "Generation tier and output variant changes, by kind.",
-    "avatar_session_errors_total": "Sessions ended by a failure inside them, by where.",
     "avatar_block_seconds": "Engine time per block (0.48 s of media: above it, slower than "
                             "real time).",
     "avatar_block_ready_lag_seconds": "Time from a block's media end to its frames reaching the "

@@ -130,7 +130,7 @@ class Session:
         self.playout = PlayoutAudio(seconds=clock.delay + 10.0, clock=clock)
         self.audio_in = AudioInput(clock, push_audio, self.playout)
         self.media = SessionMedia(clock, self.frames, self.playout, cfg.media, executor, sid,
-                                  size)
+                                  size, on_failure=lambda exc: self.fail("encoder", exc))
         self.ts: TsFeed | None = None  # the MPEG-TS feed, made for the first stream.ts reader
         self.speech: SpeechSource | None = None  # made when a bot's socket first connects
         self._cut_audio = cut_audio
@@ -140,6 +140,7 @@ class Session:
         self.stats = SessionStats()
         self.closed = asyncio.Event()
         self.close_reason = ""
+        self.failed = False  # ended by a failure inside it (its sockets are told so: 1011)
         self._close_engine = close_engine
         self._on_closed = on_closed
         self._tasks: set[asyncio.Task] = set()
@@ -157,7 +158,15 @@ class Session:
         self.stats.block_seconds.append(block.timings.total)
 
     def on_engine_error(self, exc: BaseException) -> None:
-        self._spawn(self.aclose(f"engine failure: {exc}"), f"close-{self.id}")
+        self.fail("engine", exc)
+
+    def fail(self, where: str, exc: BaseException) -> None:
+        """A failure inside this session (its generation or its encoding) ends it, and it
+        alone: its viewers and sockets are told why; the server and other sessions go on."""
+        if self._closing is None:
+            self.failed = True
+            self.log.error("session fails: %s failure: %s", where, exc)
+            self._spawn(self.aclose(f"{where} failure: {exc}"), f"close-{self.id}")
 
     # 2. liveness ------------------------------------------------------------------------------
 
@@ -361,8 +370,9 @@ class Session:
         self._close_engine()
         for pid in list(self.peers):
             await self.remove_peer(pid)
+        code = 1011 if self.failed else 1001  # 1011: the server met a condition it cannot fix
         for socket in list(self.sockets.values()):
-            await socket.aclose(1001, f"the session ended: {self.close_reason}"[:120])
+            await socket.aclose(code, f"the session ended: {self.close_reason}"[:120])
         readers = list(self.ts_readers.values())
         for task in readers:
             task.cancel()

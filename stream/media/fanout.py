@@ -13,6 +13,7 @@ Consumers move between variants with `subscribe` (joining the new one at a keyfr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from engine.api import FPS
@@ -51,8 +52,10 @@ class SessionMedia:
 
     def __init__(self, clock: MediaClock, frames: FrameStore, playout: PlayoutAudio,
                  media: MediaConfig, executor: Executor, name: str,
-                 size: tuple[int, int] | None = None):
+                 size: tuple[int, int] | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None):
         self.media = media
+        self.on_failure = on_failure  # an encoder that keeps failing: the session ends
         self.executor = executor
         self.name = name
         self.size = size
@@ -103,7 +106,7 @@ class SessionMedia:
                     variant = self.variants[video] = VideoVariant(
                         video, self.media, self.executor, f"encode-{self.name}-{video.name}",
                         bitrate_for(self.media, self.size or (video.width, video.height),
-                                    video.width, video.height))
+                                    video.width, video.height), on_failure=self.on_failure)
                 variant.consumers.add(consumer)
                 consumer.join(variant)
             else:
@@ -119,7 +122,8 @@ class SessionMedia:
                 encoder = self.audio.get(codec)
                 if encoder is None:
                     encoder = self.audio[codec] = AudioVariant(
-                        codec, self.media, self.executor, f"encode-{self.name}-{codec}")
+                        codec, self.media, self.executor, f"encode-{self.name}-{codec}",
+                        on_failure=self.on_failure)
                 encoder.consumers.add(consumer)
         self.consumers.add(consumer)
         await self._update_pacer()

@@ -181,6 +181,34 @@ class KeyframeRequests:
         return None
 
 
+class Failures:
+    """An encoder's failures: one is logged and skipped (a frame lost to a glitch); a run of
+    MAX_FAILURES in a row (a second of frames) means it cannot go on, and `on_failure` ends
+    its session (the server and every other session go on)."""
+
+    MAX_FAILURES = 25
+
+    def __init__(self, name: str, on_failure: Callable[[BaseException], None] | None):
+        self.name = name
+        self.on_failure = on_failure
+        self.in_a_row = 0
+
+    def failed(self, exc: BaseException, what: str) -> bool:
+        """Count one failure; True when the encoder must stop."""
+        self.in_a_row += 1
+        if self.in_a_row == 1:
+            log.exception("%s: encoding %s failed", self.name, what, exc_info=exc)
+        if self.in_a_row < self.MAX_FAILURES:
+            return False
+        log.error("%s: %d encodes in a row failed: giving up", self.name, self.in_a_row)
+        if self.on_failure is not None:
+            self.on_failure(exc)
+        return True
+
+    def succeeded(self) -> None:
+        self.in_a_row = 0
+
+
 # 3. Video ---------------------------------------------------------------------------------------
 
 
@@ -188,7 +216,9 @@ class VideoVariant:
     """One encoder of a session's video at (codec, size, fps, bitrate), and its consumers."""
 
     def __init__(self, key: VariantKey, media: MediaConfig, executor: Executor, name: str,
-                 bitrate_kbps: int | None = None):
+                 bitrate_kbps: int | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None):
+        self.failures = Failures(name, on_failure)
         self.key = key
         self.media = media
         self.executor = executor
@@ -235,9 +265,11 @@ class VideoVariant:
             try:
                 out, seconds = await loop.run_in_executor(self.executor, self._encode, tick,
                                                           cause is not None)
-            except Exception:
-                log.exception("%s: encoding frame %d failed", self.name, tick.index)
+            except Exception as exc:
+                if self.failures.failed(exc, f"frame {tick.index}"):
+                    return
                 continue
+            self.failures.succeeded()
             self.encode_seconds += seconds
             if out is None:
                 if cause is not None:  # the encoder buffered: ask again with the next frame
@@ -309,7 +341,9 @@ class AudioVariant:
     """One audio encoder of a session (Opus or AAC) and its consumers. Every 40 ms slice is
     encoded, in order; after a stall the backlog goes to the executor in one call."""
 
-    def __init__(self, codec: str, media: MediaConfig, executor: Executor, name: str):
+    def __init__(self, codec: str, media: MediaConfig, executor: Executor, name: str,
+                 on_failure: Callable[[BaseException], None] | None = None):
+        self.failures = Failures(name, on_failure)
         if codec not in ("opus", "aac"):
             raise ValueError(f"audio codec {codec!r}: accepted opus, aac")
         self.codec = codec
@@ -342,9 +376,11 @@ class AudioVariant:
             try:
                 packets, seconds = await loop.run_in_executor(self.executor, self._encode,
                                                               batch)
-            except Exception:
-                log.exception("%s: encoding audio at frame %d failed", self.name, batch[0][0])
+            except Exception as exc:
+                if self.failures.failed(exc, f"audio at frame {batch[0][0]}"):
+                    return
                 continue
+            self.failures.succeeded()
             self.encode_seconds += seconds
             for packet in packets:
                 self.encoded += 1

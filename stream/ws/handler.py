@@ -368,6 +368,7 @@ class BotSocket:
         if output != previous:
             self.emit("tier.changed", {"output": asdict(output), "previous": asdict(previous),
                                        "reason": "client"})
+            self.metrics.inc("avatar_tier_changes_total", kind="output", reason="client")
 
     def _output(self, req: dict[str, Any]) -> Output:
         sw, sh = self.session.size

@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.preview import PreviewEngine, PreviewSession
 from stream.app import STATE, build_app
 from stream.config import SessionsConfig
-from tests.stream.conftest import make_config
+from tests.stream.conftest import Running, make_config
 from tests.stream.rtc_client import wait_for
 
 POISON_SEED = 13  # a session opened with this seed fails at its third block
@@ -107,3 +107,36 @@ async def test_a_stuck_engine_turns_readyz_false() -> None:
     finally:
         engine.hang.clear()
         await runner.cleanup()
+
+
+async def test_an_encoder_that_keeps_failing_ends_its_session_alone(running: Running) -> None:
+    """One session's video encoder breaks: that session ends with the reason (its bot socket
+    closes with 1011) while another session's socket keeps receiving frames."""
+    from stream.media.variant import VideoVariant
+    from tests.stream.ws_client import WsClient
+
+    a, b = await running.create(), await running.create()
+    broken, healthy = await WsClient.connect(a), await WsClient.connect(b)
+    try:
+        for client in (broken, healthy):
+            await client.send({"type": "session.update", "event_id": "u",
+                               "output": {"video": "h264"}})
+            await client.wait("session.updated")
+        session = running.manager.sessions[a["session_id"]]
+        assert await wait_for(lambda: bool(session.media.variants), 5)
+        variant: VideoVariant = next(iter(session.media.variants.values()))
+
+        def explode(*args: object) -> None:
+            raise RuntimeError("the encoder broke")
+
+        variant._encode = explode  # type: ignore[method-assign]
+        await broken.closed(within=15)
+        assert broken.rec.close_code == 1011 and "encoder failure" in broken.rec.close_reason
+        assert session.closed.is_set() and "the encoder broke" in session.close_reason
+        seen = len(healthy.rec.media)
+        await asyncio.sleep(1.0)
+        assert len(healthy.rec.media) >= seen + 15  # the other session streams on
+        assert not running.manager.sessions[b["session_id"]].closed.is_set()
+    finally:
+        await broken.close()
+        await healthy.close()
