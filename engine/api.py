@@ -120,6 +120,35 @@ class EngineSession(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class TieredSession(Protocol):
+    """A session whose generation tier can change mid-stream (the latency governor's lever)."""
+
+    def set_tier(self, size: str | None = None, steps: int | None = None) -> None:
+        """Generate from the next block on at this pixel-area budget and step count (None:
+        unchanged). Applied at that block boundary: frames change size from that block on. The
+        Wan engine's rule (`engine.session_plan`): a new size re-makes the conditioning, the
+        sink, the rings and the decoder state; a new step count empties the rings only. Raises
+        InputError for a size or step count the engine cannot run."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """Whether an engine can take sessions now. `status`: "ready", "starting", "restarting"
+    (a multi-GPU group replacing a failed rank) or "failed"; `detail` says why."""
+
+    ready: bool
+    status: str = "ready"
+    detail: str = ""
+
+
+def engine_health(engine: Engine) -> EngineHealth:
+    """The engine's health (optional for engines: a `health()` method; without one, ready)."""
+    health = getattr(engine, "health", None)
+    return health() if callable(health) else EngineHealth(True)
+
+
 def session_info(session: EngineSession) -> dict[str, Any]:
     """JSON-ready facts an engine session tells about itself, such as the preview's face
     detection ("face": {"found": ...}); {} for a session that tells nothing.
@@ -161,6 +190,8 @@ class Engine(Protocol):
 
     `lookahead_s`: audio past a block's end it needs before starting that block.
     `max_sessions`: how many sessions it can hold at once (admission also watches measured load).
+    Optional: `max_in_flight` (blocks of one pipelined session submitted and not yet delivered
+    at once; default 2; a pipeline of k stages needs k + 1) and `health()` (`engine_health`).
     """
 
     name: str
@@ -195,4 +226,5 @@ def start_runtime(engine: Engine, loop: asyncio.AbstractEventLoop) -> EngineRunt
     from engine.runtime import EngineRuntime
 
     return EngineRuntime(engine, loop, max_sessions=engine.max_sessions,
-                         lookahead_s=engine.lookahead_s)
+                         lookahead_s=engine.lookahead_s,
+                         max_in_flight=getattr(engine, "max_in_flight", 2))

@@ -57,8 +57,11 @@ class WanSession:
     def seek(self, block: int) -> None:
         self.generator.seek(block)
 
+    def set_tier(self, size: str | None = None, steps: int | None = None) -> None:
+        self.generator.set_tier(size, steps)
+
     def close(self) -> None:
-        self.generator.stages.clear()  # drop the rings now, not at garbage collection
+        self.generator.close()  # drop the rings now, not at garbage collection
 
 
 class WanEngine:
