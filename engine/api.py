@@ -213,6 +213,10 @@ def create_engine(config: EngineConfig, progress: ProgressFn | None = None) -> E
     """The engine `config` asks for. Imports torch only for the Wan engine (a checkpoint, or
     random weights)."""
     if config.checkpoint or config.random_weights:
+        if config.layout.strip() != "1":
+            from engine.parallel.engine import ParallelEngine
+
+            return ParallelEngine.load(config, progress)
         from engine.wan_engine import WanEngine
 
         return WanEngine.load(config, progress)
