@@ -9,11 +9,12 @@ variables are forced here, before torch is imported, whoever started the process
   HOST:PORT` on every node (the server's `[engine] group_listen` address; the group's key in the
   AVATAR_GROUP_KEY environment variable, hex), e.g. for `layout = "4+vae"` on two hosts:
 
-      AVATAR_GROUP_KEY=... torchrun --nnodes 2 --nproc-per-node 3 --node-rank N \\
-          --rdzv-backend c10d --rdzv-endpoint HOST0:29400 --max-restarts 100 \\
-          -m engine.parallel.entry --server HOST0:29600
+      host A:  AVATAR_GROUP_KEY=... torchrun --nnodes 2 --nproc-per-node 3 \\
+                   --rdzv-backend c10d --rdzv-endpoint HOSTA:29400 --max-restarts 100 \\
+                   -m engine.parallel.entry --server HOSTA:29600
+      host B:  the same with --nproc-per-node 2
 
-  (6 processes for 5 ranks: a rank beyond the layout's world exits at once). torchrun's
+  (the processes of all hosts together must be the layout's world, here 5). torchrun's
   `--max-restarts` is what brings a group back after a failure: the server closes every rank's
   socket, the ranks exit, torchrun starts them again and they join the waiting server.
 """
