@@ -8,6 +8,7 @@ at s / 16000 s, so one clock serves both. A block is 12 video frames (0.48 s, 76
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -15,10 +16,13 @@ import numpy as np
 
 from engine.config import EngineConfig
 from engine.errors import CapacityExhausted, ConfigError, EngineError, InputError
+from engine.parallel.layout import Layout
 from engine.progress import ProgressFn, ProgressPrinter
 
 if TYPE_CHECKING:
     from engine.runtime import EngineRuntime
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -212,8 +216,9 @@ __all__ = ["CapacityExhausted", "ConfigError", "EngineConfig", "EngineError", "I
 def create_engine(config: EngineConfig, progress: ProgressFn | None = None) -> Engine:
     """The engine `config` asks for. Imports torch only for the Wan engine (a checkpoint, or
     random weights)."""
+    single = Layout.parse(config.layout).single
     if config.checkpoint or config.random_weights:
-        if config.layout.strip() != "1":
+        if not single:
             from engine.parallel.engine import ParallelEngine
 
             return ParallelEngine.load(config, progress)
@@ -222,6 +227,9 @@ def create_engine(config: EngineConfig, progress: ProgressFn | None = None) -> E
         return WanEngine.load(config, progress)
     from engine.preview import PreviewEngine
 
+    if not single:
+        log.warning("engine.layout=%r is for the Wan engine (a checkpoint or random weights); "
+                    "the preview engine runs in one process", config.layout)
     return PreviewEngine(config)
 
 

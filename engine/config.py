@@ -170,10 +170,6 @@ class EngineConfig:
                               f"{layout.dit_ranks} DiT ranks at least one step, but "
                               f"{sec}.sampling.steps={self.sampling.steps}: use "
                               f"{sec}.sampling.steps >= {layout.dit_ranks} or fewer DiT ranks")
-        if not layout.single and not (self.checkpoint or self.random_weights):
-            raise ConfigError(f"{sec}.layout={self.layout!r} runs the Wan engine on a group of "
-                              f"ranks: set {sec}.checkpoint (or random_weights = true); the "
-                              "preview engine runs in one process (layout \"1\")")
         _one_of(f"{sec}.group_launch", self.group_launch, GROUP_LAUNCHES)
         host, _, port = self.group_listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:

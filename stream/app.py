@@ -27,6 +27,7 @@ from engine.api import (
     ProgressPrinter,
     SessionParams,
     create_engine,
+    engine_health,
     start_runtime,
 )
 from stream.auth import Auth
@@ -470,6 +471,11 @@ async def readyz(request: web.Request) -> web.Response:
                                  status=503)
     engine = srv.manager.engine
     runtime = srv.manager.runtime
+    health = engine_health(engine)
+    if not health.ready:  # e.g. a GPU group replacing a failed rank
+        return web.json_response({"ready": False, "status": health.status,
+                                  "error": health.detail, "engine": engine.name,
+                                  "sessions": runtime.active}, status=503)
     capacity = max(0, runtime.max_sessions - runtime.active)
     return web.json_response({
         "ready": True, "status": "ready", "engine": engine.name,

@@ -31,6 +31,7 @@ from engine.api import (
     session_info,
 )
 from stream.media.decode import MediaError, read_audio, read_image
+from stream.server import add_layout_argument
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="no checkpoint: the real engine at real shapes with random weights "
                         "(the video is noise; for measuring)")
+    add_layout_argument(p)
     p.set_defaults(func=run_command)
 
 
@@ -187,22 +189,24 @@ def run_command(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.errors import EngineError
     from stream.config import load_toml
-    from stream.server import with_random_weights
+    from stream.server import with_layout, with_random_weights
 
     raw = load_toml(args.config).get("engine", {}) if args.config else {}
     try:
-        config = EngineConfig.parse(raw)
-        if args.ckpt:
-            config = EngineConfig.parse({**raw, "checkpoint": args.ckpt})
+        config = EngineConfig.parse({**raw, "checkpoint": args.ckpt} if args.ckpt else raw)
         if args.random_weights:
             config = with_random_weights(config)
+        config = with_layout(config, args.layout)
         image = read_image(args.image)
         audio = read_audio(args.audio)
         aac = read_audio(args.audio, rate=AAC_RATE)
         engine = create_engine(config, progress=ProgressPrinter())
-        result = render(engine, image, audio, Path(args.out),
-                        SessionParams(prompt=args.prompt, size=args.size, seed=args.seed,
-                                      steps=args.steps), aac_audio=aac)
+        try:
+            result = render(engine, image, audio, Path(args.out),
+                            SessionParams(prompt=args.prompt, size=args.size, seed=args.seed,
+                                          steps=args.steps), aac_audio=aac)
+        finally:
+            engine.close()  # (a pipeline's ranks end with it)
     except (MediaError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -54,7 +54,7 @@ from engine.image import check_image
 from engine.parallel import messages as msg
 from engine.parallel.channel import KEY_ENV, listen
 from engine.parallel.group import Acceptor, RankGroup, default_threads
-from engine.parallel.layout import Layout
+from engine.parallel.layout import DEFAULT_SESSIONS, Layout
 from engine.preview import draw_default_face
 from engine.progress import ProgressFn
 from engine.session_plan import SessionSchedule, Tier
@@ -242,7 +242,7 @@ class ParallelEngine:
             left_context_s=config.audio_left_context_s, lookahead_s=config.audio_lookahead_s))
         self.random_weights = config.random_weights
         self.lookahead_s = config.audio_lookahead_s + 0.005
-        self.max_sessions = config.max_sessions or 4
+        self.max_sessions = config.max_sessions or DEFAULT_SESSIONS
         self.max_in_flight = self.layout.stages + 1  # one per stage, and one being delivered
         self.threads = threads if threads is not None else default_threads(self.layout,
                                                                            config.device)
@@ -302,6 +302,11 @@ class ParallelEngine:
         except BaseException:
             group.kill()
             raise
+        fit = min(r.sessions for r in group.ready.values())
+        if fit and fit < self.max_sessions:
+            log.info("the group's memory holds %d session(s) at max_size %s", fit,
+                     self.config.max_size)
+            self.max_sessions = fit
         with self._lock:
             if group is self._group and not group.down:
                 self._status, self._detail = "ready", ""

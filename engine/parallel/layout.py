@@ -22,6 +22,7 @@ from engine.errors import ConfigError, InputError
 
 _FORM = re.compile(r"^\s*(\d+)\s*(\+\s*vae)?\s*$", re.IGNORECASE)
 MAX_RANKS = 64
+DEFAULT_SESSIONS = 4  # sessions a group holds when max_sessions is 0 (fewer where memory says)
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,7 @@ class Ready:
     parts: tuple[str, ...]
     load_s: float
     memory: dict[str, float] = field(default_factory=dict)
+    sessions: int = 0  # how many sessions its memory holds (its plan)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ the server replaces the group. An error while opening a session fails that sessi
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -38,16 +39,19 @@ import torch.distributed as dist
 
 from engine.api import SessionParams
 from engine.audio_features import window_features
+from engine.avatar_cache import MB
 from engine.checkpoint.loader import load_parts, resolve_device, resolve_text_device
+from engine.config import EngineConfig
 from engine.decode import PendingDecode, frames_to_numpy
 from engine.denoise import block_noise, step_seconds
-from engine.errors import EngineError, InputError
+from engine.errors import ConfigError, EngineError, InputError
 from engine.generator import StreamConfig
+from engine.memory import cuda_capacity, fit_engine
 from engine.parallel import messages as msg
 from engine.parallel.channel import Channel, ChannelClosed, connect
 from engine.parallel.entry import RankSpec
 from engine.parallel.hops import Hops
-from engine.parallel.layout import Layout
+from engine.parallel.layout import DEFAULT_SESSIONS, Layout
 from engine.parallel.roles import (
     DecoderSession,
     DiTSession,
@@ -351,10 +355,50 @@ def _event(device: torch.device) -> torch.cuda.Event | None:
 # 3. The process ---------------------------------------------------------------------------------
 
 
-def load_rank_models(config: Any, parts: tuple[str, ...], device: torch.device,
-                     dtype: torch.dtype) -> RankModels:
-    """This rank's models only, from the checkpoint or as random weights at real shapes."""
+def fit_rank(config: EngineConfig, layout: Layout, rank: int, device: torch.device,
+             dtype: torch.dtype) -> tuple[EngineConfig, torch.device, int]:
+    """This rank's GPU memory plan, checked before loading: the config with the avatar cache
+    budget it leaves, umT5's device (the GPU when it fits beside the rest) and how many
+    sessions fit (at most `max_sessions`, or `DEFAULT_SESSIONS`). Raises the ConfigError of
+    `engine.memory.check_fits`, naming the rank, when not even one session fits."""
+    from engine.wan_engine import architecture
+
+    shapes = architecture(config, device)
+    cap = config.max_sessions or DEFAULT_SESSIONS
     text_device = resolve_text_device(config.text_device, device)
+    if shapes is None:  # unreadable: loading says why
+        return config, text_device, cap
+    dit, vae, t5 = shapes
+    role = layout.role(rank)
+    capacity, name = cuda_capacity(device)
+    where = f"rank {rank} of layout {layout} ({role.describe(layout, config.sampling.steps)})" \
+            f" on {name}"
+    fits = None
+    for sessions in range(cap, 0, -1):
+        try:
+            fits = fit_engine(dit, vae, t5, size=config.max_size,
+                              steps=len(layout.steps_of(rank, config.sampling.steps)),
+                              dtype=dtype, fp8=config.fp8, sessions=sessions,
+                              text_device=config.text_device,
+                              avatar_cache_bytes=config.avatar_cache_mb * MB, capacity=capacity,
+                              device=where, parts=role.parts, audio_encoder=role.features)
+        except ConfigError:
+            if sessions == 1:
+                raise
+            continue
+        break
+    assert fits is not None
+    log.info("GPU memory plan of %s, %d session(s):\n%s", where, sessions, fits.plan.format())
+    if role.decoder and not fits.text_on_device:
+        log.info("umT5 runs on this rank's CPU: its GPU has no room for it beside the plan")
+    text_device = device if fits.text_on_device else torch.device("cpu")
+    return (dataclasses.replace(config, avatar_cache_mb=fits.avatar_cache_bytes // MB),
+            text_device, sessions)
+
+
+def load_rank_models(config: EngineConfig, parts: tuple[str, ...], device: torch.device,
+                     dtype: torch.dtype, text_device: torch.device) -> RankModels:
+    """This rank's models only, from the checkpoint or as random weights at real shapes."""
     if config.random_weights:
         from engine.random_weights import build_random_parts, model_shapes
 
@@ -424,8 +468,17 @@ def _start(channel: Channel, setup: msg.Setup, spec: RankSpec) -> RankWorker:
     else:
         dist.init_process_group(backend, rank=setup.rank, world_size=setup.world,
                                 timeout=timeout)
-    role = Layout.parse(setup.layout).role(setup.rank)
-    models = load_rank_models(config, role.parts, device, dtype)
+    layout = Layout.parse(setup.layout)
+    role = layout.role(setup.rank)
+    sessions = config.max_sessions or DEFAULT_SESSIONS
+    text_device = resolve_text_device(config.text_device, device)
+    if device.type == "cuda":  # before a single weight is read
+        config, text_device, sessions = fit_rank(config, layout, setup.rank, device, dtype)
+    models = load_rank_models(config, role.parts, device, dtype, text_device)
+    if models.dit is not None and not role.features:
+        # the audio tokens are computed on rank 0 and handed on: no other rank needs the
+        # DiT's audio encoder (95M float32 parameters)
+        models.dit.casual_audio_encoder = None  # type: ignore[assignment]
     speed = prepare_parts(models.dit, models.vae, device, dtype, config,
                           setup.stream.ring_frames, setup.stream.block_frames)
     worker = RankWorker(channel, setup, models, speed)
@@ -438,7 +491,7 @@ def _start(channel: Channel, setup: msg.Setup, spec: RankSpec) -> RankWorker:
 
     channel.on_error = fatal
     channel.send(msg.Ready(setup.rank, str(device), role.parts, time.perf_counter() - start,
-                           memory_stats(device)))
+                           memory_stats(device), sessions))
     log.info("%s ready on %s in %.1f s", role.describe(Layout.parse(setup.layout),
                                                      config.sampling.steps), device,
              time.perf_counter() - start)
