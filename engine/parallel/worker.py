@@ -57,6 +57,7 @@ from engine.parallel.roles import (
     DiTSession,
     RankModels,
     encode_avatar,
+    keep_what_the_role_runs,
     memory_stats,
 )
 from engine.speed.prepare import SpeedState, prepare_parts
@@ -323,8 +324,11 @@ class RankWorker:
             decoded = decoding.result()
             c = decoded.clock
             decode, post = c.between("decode_start", "decode"), c.between("decode", "postprocess")
-            if critical and not self.role.dit:
-                self.busy.append(decode + post)
+            if critical:  # the decode held this rank up: it is (part of) its stage
+                if self.role.dit:
+                    self.busy[-1] += decode + post  # this block's entry (same writer thread)
+                else:
+                    self.busy.append(decode + post)
             return msg.Frames(sid, block, frames_to_numpy(decoded.frames), decode, post,
                               rank, critical)
 
@@ -475,10 +479,7 @@ def _start(channel: Channel, setup: msg.Setup, spec: RankSpec) -> RankWorker:
     if device.type == "cuda":  # before a single weight is read
         config, text_device, sessions = fit_rank(config, layout, setup.rank, device, dtype)
     models = load_rank_models(config, role.parts, device, dtype, text_device)
-    if models.dit is not None and not role.features:
-        # the audio tokens are computed on rank 0 and handed on: no other rank needs the
-        # DiT's audio encoder (95M float32 parameters)
-        models.dit.casual_audio_encoder = None  # type: ignore[assignment]
+    keep_what_the_role_runs(models, role.features)
     speed = prepare_parts(models.dit, models.vae, device, dtype, config,
                           setup.stream.ring_frames, setup.stream.block_frames)
     worker = RankWorker(channel, setup, models, speed)
