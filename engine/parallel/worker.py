@@ -426,7 +426,7 @@ def main(spec: RankSpec) -> int:
                         format="%(asctime)s %(levelname)s rank %(process)d %(name)s: %(message)s")
     rank = spec.rank if spec.rank is not None else int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "0"))
-    channel = connect(spec.server, spec.key, f"rank{rank}")
+    channel = _connect(spec, rank)
     channel.send(msg.Join(rank, world, socket.gethostname(), os.getpid()))
     try:
         setup = channel.recv(timeout=JOIN_TIMEOUT_S)
@@ -447,6 +447,22 @@ def main(spec: RankSpec) -> int:
         dist.destroy_process_group()
     channel.close()
     return code
+
+
+def _connect(spec: RankSpec, rank: int) -> Channel:
+    """The server's control socket; torchrun may start a rank before the server listens, so a
+    refused connection is retried for up to JOIN_TIMEOUT_S."""
+    end = time.monotonic() + JOIN_TIMEOUT_S
+    wait = 0.2
+    while True:
+        try:
+            return connect(spec.server, spec.key, f"rank{rank}")
+        except ConnectionRefusedError:
+            if time.monotonic() > end:
+                raise
+            log.info("rank %d: the server at %s:%d is not listening yet", rank, *spec.server)
+            time.sleep(wait)
+            wait = min(2.0 * wait, 5.0)
 
 
 def _start(channel: Channel, setup: msg.Setup, spec: RankSpec) -> RankWorker:
