@@ -58,7 +58,7 @@ from engine.parallel.layout import DEFAULT_SESSIONS, Layout
 from engine.preview import draw_default_face
 from engine.progress import ProgressFn
 from engine.session_plan import SessionSchedule, Tier
-from engine.sizing import generation_size, parse_area
+from engine.sizing import generation_size, parse_area, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +307,8 @@ class ParallelEngine:
             log.info("the group's memory holds %d session(s) at max_size %s", fit,
                      self.config.max_size)
             self.max_sessions = fit
+        if self.config.compile:
+            self.warm_up(group)
         with self._lock:
             if group is self._group and not group.down:
                 self._status, self._detail = "ready", ""
@@ -437,11 +439,35 @@ class ParallelEngine:
             raise InputError(f"steps={steps}: accepted 1..50")
         self.layout.check_steps(steps)
 
+    def warm_up(self, group: RankGroup) -> float:
+        """One throw-away session at max_size until its rings are full, so that every graph
+        torch.compile needs exists on every rank before the first real session (minutes on a
+        cold cache). Returns the seconds it took."""
+        start = time.monotonic()
+        cfg = self.stream_config
+        blocks = cfg.ring_frames // cfg.block_frames + 1
+        w, h = parse_size(self.config.max_size)
+        log.info("warming up (compiling) the group at %dx%d: %d blocks", w, h, blocks)
+        session = self._open(group, SessionParams(image=draw_default_face(w, h),
+                                                  size=self.config.max_size))
+        try:
+            pending = [session.submit_block(pad_silence=True) for _ in range(blocks)]
+            for p in pending:
+                p.result()
+        finally:
+            session.close()
+        took = time.monotonic() - start
+        log.info("group warm-up done in %.1f s", took)
+        return took
+
     def open_session(self, params: SessionParams) -> ParallelSession:
         with self._lock:
             group, status, detail = self._group, self._status, self._detail
         if group is None or status != "ready":
             raise GroupFailed(f"the GPU group is not ready ({status}): {detail}")
+        return self._open(group, params)
+
+    def _open(self, group: RankGroup, params: SessionParams) -> ParallelSession:
         if params.image is None:  # no upload and no configured avatar: the drawn face
             params = dataclasses.replace(params, image=draw_default_face(704, 384))
         assert params.image is not None
