@@ -14,9 +14,11 @@ single-GPU bench), and the pipeline's FPS and TTFF are also given as ratios to i
 
 `--rank-share L:i` runs, on this one device and without a group, what rank i of layout L holds
 and runs: its models only, one session's state for its steps (rings, sink, text K/V; the VAE
-rank's decoder cache), and its stage on every block (rank 0's audio features included; the
-blocks it would receive are random tensors of the right shapes). Its peak memory is then what a
-card for that rank needs: per-rank memory for small cards, measured without the cards.
+rank's decoder cache), and its stage on every block (the audio features and tokens where the
+rank computes them; what it would receive are random tensors of the right shapes). Its peak
+memory from then on is what a card for that rank needs to run: per-rank memory for small cards,
+measured without the cards. Loading has a peak of its own (`load_peak_reserved_gib`): the DiT is
+built in bf16 and then quantised to FP8, so today loading needs room for the bf16 DiT.
 """
 
 from __future__ import annotations
@@ -197,10 +199,15 @@ def bench_rank_share(config: EngineConfig, opts: BenchOptions, layout_text: str,
     t0 = time.perf_counter()
     models = load_rank_models(config, role.parts, device, dtype, text_device)
     load_s = time.perf_counter() - t0
-    keep_what_the_role_runs(models, role.features)
+    keep_what_the_role_runs(models, role.tokens)
     cfg = StreamConfig()
     speed = prepare_parts(models.dit, models.vae, device, dtype, config, cfg.ring_frames,
-                          cfg.block_frames)
+                          cfg.block_frames)  # (FP8 quantises the DiT here)
+    load_peak = 0.0
+    if device.type == "cuda":  # loading builds the DiT in bf16 first: a peak of its own
+        torch.cuda.empty_cache()
+        load_peak = torch.cuda.max_memory_reserved(device) / GIB
+        torch.cuda.reset_peak_memory_stats(device)
     gh, gw = _generation(opts.size)
     tier = Tier(opts.size, opts.steps)
     gen = torch.Generator(device="cpu").manual_seed(opts.seed)
@@ -244,13 +251,17 @@ def bench_rank_share(config: EngineConfig, opts: BenchOptions, layout_text: str,
         tokens = AudioTokens(torch.randn(local_shape, generator=gen).to(device, dtype),
                              None if glob_shape is None else
                              torch.randn(glob_shape, generator=gen).to(device, dtype))
+        feats = torch.randn(1, shapes.dit.audio_layers, shapes.dit.audio_dim, FRAMES_PER_BLOCK,
+                            generator=gen).to(device)  # what rank 0 receives in a k+vae layout
         clock = StageClock(device)
         with torch.inference_mode(), speed.attention.active():
             clock.mark("start")
             if role.features:
-                assert models.dit is not None and models.wav2vec is not None
-                tokens = models.dit.encode_audio(window_features(models.wav2vec, window,
-                                                                 device))
+                assert models.wav2vec is not None
+                feats = window_features(models.wav2vec, window, device)
+            if role.tokens:
+                assert models.dit is not None
+                tokens = models.dit.encode_audio(feats)
             clock.mark("features")
             stage = 0.0
             if session is not None:
@@ -259,11 +270,13 @@ def bench_rank_share(config: EngineConfig, opts: BenchOptions, layout_text: str,
                 clock.mark("inputs")
                 x = session.denoiser.run(x, block, clock)
                 per = step_seconds(clock, owned)
-                f = clock.between("start", "features")
-                stage = f + sum(per)
+                stage = sum(per)
                 if b >= n - opts.blocks:
-                    features.append(f)
                     steps.append(per)
+            f = clock.between("start", "features")
+            stage += f
+            if b >= n - opts.blocks and (role.features or role.tokens):
+                features.append(f)
             if decoder is not None:
                 decoded = decoder.submit(x.to(dtype)).result()
                 c = decoded.clock
@@ -279,7 +292,7 @@ def bench_rank_share(config: EngineConfig, opts: BenchOptions, layout_text: str,
     mem = memory_stats(device)
     plan = plan_memory(shapes.dit, shapes.vae, opts.size, steps=len(owned), dtype=dtype,
                        fp8=config.fp8, parts=tuple(p for p in role.parts if p != "text"),
-                       audio_encoder=role.features,
+                       audio_encoder=role.tokens,
                        t5=shapes.t5 if role.decoder and text_device == device else None,
                        wav2vec_params=params_of(models.wav2vec) if models.wav2vec else 0)
     out.update({
@@ -298,6 +311,7 @@ def bench_rank_share(config: EngineConfig, opts: BenchOptions, layout_text: str,
     })
     if device.type == "cuda":
         out["fits_24gb_card"] = mem["peak_reserved_gib"] <= CARD_24GB_GIB
+        out["load_peak_reserved_gib"] = round(load_peak, 3)
     return out
 
 

@@ -87,6 +87,7 @@ class PipelineBlock:
         self.expected = expected  # stage reports to wait for (the DiT ranks')
         self.started = time.perf_counter()
         self.stages: dict[int, msg.StageDone] = {}
+        self.features = 0.0  # wav2vec2 seconds on the VAE rank (a k+vae layout)
         self.frames: msg.Frames | None = None
         self.frames_at = 0.0
         self._event = threading.Event()
@@ -119,7 +120,10 @@ class PipelineBlock:
         busy = {s.rank: s.busy for s in stages}
         if f.critical:  # the decode held up its rank: the VAE rank's whole stage, or added
             busy[f.rank] = busy.get(f.rank, 0.0) + f.decode + f.postprocess
-        features = stages[0].features if stages and stages[0].rank == 0 else 0.0
+        if self.features:  # the VAE rank's GPU computed the features too
+            busy[f.rank] = busy.get(f.rank, 0.0) + self.features
+        features = self.features + (stages[0].features if stages and stages[0].rank == 0
+                                    else 0.0)
         timings = BlockTimings(features=features, denoise=sum(steps), decode=f.decode,
                                total=time.perf_counter() - self.started, steps=steps,
                                postprocess=f.postprocess, busy=max(busy.values(), default=0.0))
@@ -197,8 +201,9 @@ class ParallelSession:
         window = self.audio.window(first, FRAMES_PER_BLOCK)
         pending = PipelineBlock(self.sid, plan.index, first, silent, self.engine.layout.dit_ranks)
         self.engine.track(pending)
-        self.group.send(0, msg.Plan(self.sid, plan, window))
-        self.group.send_all(msg.Plan(self.sid, plan), range(1, self.engine.layout.world))
+        features = self.engine.layout.features_rank
+        for rank in range(self.engine.layout.world):
+            self.group.send(rank, msg.Plan(self.sid, plan, window if rank == features else None))
         return pending
 
     def _encode(self, generation: int, tier: Tier) -> None:
@@ -371,6 +376,12 @@ class ParallelEngine:
             if p is not None:
                 p.frames, p.frames_at = m, time.monotonic()
                 self._try_complete(p)
+        elif isinstance(m, msg.Features):  # from the VAE rank, for rank 0
+            group.send(0, m)
+            with self._lock:
+                p = self._pending.get((m.sid, m.block))
+            if p is not None:
+                p.features = m.seconds
         elif isinstance(m, msg.FirstLatent):
             group.send_all(msg.RefreshLatent(m.sid, m.block, m.latent),
                            range(self.layout.dit_ranks))

@@ -2,15 +2,19 @@
 umT5 and wav2vec2 live. Torch-free.
 
 A layout is `k` (k DiT ranks; the last one also decodes, on its own CUDA stream) or `k+vae`
-(k DiT ranks and one more rank that only decodes). Rank 0 also computes the audio features
-(wav2vec2 + the DiT's audio encoder) and the noise; the VAE's rank (the VAE rank, or the last DiT
-rank) also encodes every session's reference and motion latents and its prompt (umT5 lives
-there, on its GPU when the memory plan leaves room, else on its CPU).
+(k DiT ranks and one more rank that only decodes). Rank 0 turns each block's audio features into
+the DiT's audio tokens (the DiT's audio encoder) and draws its noise; the tokens ride with the
+latents to the other DiT ranks. The features themselves (wav2vec2, 1.3 GB in float32) are
+computed on the VAE rank when there is one, which has memory and time to spare (it holds the
+0.5 GB VAE; a decode is about half a DiT step), so that every DiT rank holds the DiT and its
+rings only (the 24 GB-card case); in a `k` layout, on rank 0. The VAE's rank also encodes every
+session's reference and motion latents and its prompt (umT5 lives there, on its GPU when the
+memory plan leaves room, else on its CPU).
 
 Steps are split into contiguous shares, one per DiT rank, in step order. When `steps` is not a
 multiple of `k` the shares differ by one step and the extra steps go to the last ranks (rank 0
-already carries the features): the pipeline then runs at the pace of the ranks with more steps.
-Every DiT rank needs at least one step, so a layout of k DiT ranks needs steps >= k.
+already carries the audio tokens): the pipeline then runs at the pace of the ranks with more
+steps. Every DiT rank needs at least one step, so a layout of k DiT ranks needs steps >= k.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class RankRole:
 
     rank: int
     dit: bool  # runs denoising steps (holds the DiT)
-    features: bool  # computes the audio features and noise (wav2vec2): DiT rank 0
+    tokens: bool  # DiT rank 0: the audio tokens (the DiT's audio encoder) and the noise
+    features: bool  # computes the audio features (holds wav2vec2)
     decoder: bool  # decodes blocks and encodes avatars (holds the VAE and umT5)
     last_dit: bool  # the last DiT rank: hands each block's clean latents on
 
@@ -53,6 +58,8 @@ class RankRole:
             share = layout.steps_of(self.rank, steps)
             what.append(f"DiT steps {share.start}-{share.stop - 1}" if len(share) > 1
                         else f"DiT step {share.start}")
+        if self.tokens:
+            what.append("audio tokens")
         if self.features:
             what.append("audio features")
         if self.decoder:
@@ -94,6 +101,11 @@ class Layout:
         return self.dit_ranks if self.vae_rank else self.dit_ranks - 1
 
     @property
+    def features_rank(self) -> int:
+        """Where wav2vec2 runs: the VAE rank if any, else rank 0."""
+        return self.dit_ranks if self.vae_rank else 0
+
+    @property
     def last_dit_rank(self) -> int:
         return self.dit_ranks - 1
 
@@ -106,8 +118,8 @@ class Layout:
         if not 0 <= rank < self.world:
             raise ValueError(f"rank {rank} is outside layout {self} (ranks 0..{self.world - 1})")
         dit = rank < self.dit_ranks
-        return RankRole(rank, dit=dit, features=rank == 0, decoder=rank == self.decoder_rank,
-                        last_dit=rank == self.last_dit_rank)
+        return RankRole(rank, dit=dit, tokens=rank == 0, features=rank == self.features_rank,
+                        decoder=rank == self.decoder_rank, last_dit=rank == self.last_dit_rank)
 
     def check_steps(self, steps: int, what: str = "steps") -> None:
         """Refuse a step count that would leave a DiT rank without a step."""

@@ -113,12 +113,23 @@ class Condition:
 
 @dataclass(frozen=True)
 class Plan:
-    """To every rank, in one global order: run block `plan.index` of `sid`. Only rank 0 gets
-    the audio window."""
+    """To every rank, in one global order: run block `plan.index` of `sid`. Only the rank that
+    computes the features gets the audio window."""
 
     sid: str
     plan: BlockPlan
     window: AudioWindow | None = None
+
+
+@dataclass(frozen=True)
+class Features:
+    """A block's wav2vec2 features, from the VAE rank (where they are computed in a `k+vae`
+    layout) through the server to rank 0, which turns them into the audio tokens."""
+
+    sid: str
+    block: int
+    feats: Wire  # [1, 25, 1024, 12] float32
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -64,10 +64,10 @@ class RankModels:
         return out
 
 
-def keep_what_the_role_runs(models: RankModels, features: bool) -> None:
+def keep_what_the_role_runs(models: RankModels, tokens: bool) -> None:
     """A DiT rank that does not compute the audio tokens (rank 0 does, and hands them on) has
     no use for the DiT's audio encoder (95M float32 parameters): it is dropped."""
-    if models.dit is not None and not features:
+    if models.dit is not None and not tokens:
         models.dit.casual_audio_encoder = None  # type: ignore[assignment]
 
 

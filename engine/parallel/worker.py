@@ -6,6 +6,9 @@ group, loads only its models (`engine.parallel.layout.RankRole.parts`) and says 
 - the **reader** thread reads the control socket: plans and closes go to the plan queue in the
   order the server sent them; encodes and opens to the set-up queue; the inputs of a resize and
   the sink refresh's latents to the mailbox. The server going away ends the process at once.
+- the **features** thread (the VAE rank of a `k+vae` layout) computes each block's wav2vec2
+  features as soon as its plan arrives, ahead of the decode loop, for rank 0 (through the
+  server, 1.2 MB a block);
 - the **set-up** thread opens sessions (a DiT rank prefills its sink; the VAE's rank encodes
   the avatar and primes a decoder) beside the block loop, as the single-process runtime's
   opener thread does, so a new session does not stop the others' blocks.
@@ -112,17 +115,22 @@ class RankWorker:
         self.timeout = setup.timeout_s
         self.hops = Hops(models.device, setup.timeout_s)
         self.plans: queue.Queue[Any] = queue.Queue()
+        self.features: queue.Queue[msg.Plan] = queue.Queue()
         self.setups: queue.Queue[Any] = queue.Queue()
         self.mail = Mailbox()
         self.dit: dict[str, DiTSession] = {}
         self.dec: dict[str, DecoderSession] = {}
         self.busy: deque[float] = deque(maxlen=256)  # this rank's stage seconds per block
+        self.feature_busy: deque[float] = deque(maxlen=256)  # (the features thread's)
         self.stopped = threading.Event()
 
     # 1. threads -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        for target, name in ((self._read, "read"), (self._set_up, "setup"), (self._beat, "beat")):
+        threads = [(self._read, "read"), (self._set_up, "setup"), (self._beat, "beat")]
+        if self.role.features and not self.role.tokens:
+            threads.append((self._features, "features"))
+        for target, name in threads:
             threading.Thread(target=target, name=f"rank{self.rank}-{name}", daemon=True).start()
 
     def _read(self) -> None:
@@ -135,6 +143,10 @@ class RankWorker:
                 os._exit(3)
             if isinstance(m, (msg.Plan, msg.Close)):
                 self.plans.put(m)
+                if isinstance(m, msg.Plan) and m.window is not None and not self.role.tokens:
+                    self.features.put(m)
+            elif isinstance(m, msg.Features):
+                self.mail.put(("features", m.sid, m.block), m.feats)
             elif isinstance(m, (msg.Encode, msg.Open)):
                 self.setups.put(m)
             elif isinstance(m, msg.Condition):
@@ -145,6 +157,7 @@ class RankWorker:
                 self.channel.send(self.report())
                 if m.reset:
                     self.busy.clear()
+                    self.feature_busy.clear()
                     if self.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(self.device)
             elif isinstance(m, msg.Stop):
@@ -154,6 +167,33 @@ class RankWorker:
     def _beat(self) -> None:
         while not self.stopped.wait(BEAT_S):
             self.channel.send(msg.Beat(self.rank))
+
+    def _features(self) -> None:
+        wav2vec = self.models.wav2vec
+        assert wav2vec is not None
+        while True:
+            m = self.features.get()
+            assert m.window is not None
+            start = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    feats = window_features(wav2vec, m.window, self.device)
+                    host = feats.to("cpu", non_blocking=True) if feats.is_cuda else feats
+                    event = _event(self.device)
+            except Exception as exc:  # rank 0 would wait for these in vain: fatal
+                self.channel.send(self.failure(exc))
+                return
+
+            def make(m: msg.Plan = m, host: torch.Tensor = host,
+                     event: torch.cuda.Event | None = event, start: float = start
+                     ) -> msg.Features:
+                if event is not None:
+                    event.synchronize()
+                took = time.perf_counter() - start
+                self.feature_busy.append(took)
+                return msg.Features(m.sid, m.plan.index, msg.Wire.of(host), took)
+
+            self.channel.send_when(make)
 
     def _set_up(self) -> None:
         while True:
@@ -245,10 +285,16 @@ class RankWorker:
             s.apply(plan, lambda: self.mail.take(("condition", m.sid, plan.generation),
                                                  self.timeout))
             clock = StageClock(self.device)
-            if role.features:
-                assert mod.wav2vec is not None and m.window is not None
-                clock.mark("start")
-                audio = dit.encode_audio(window_features(mod.wav2vec, m.window, self.device))
+            if role.tokens:
+                if role.features:
+                    assert mod.wav2vec is not None and m.window is not None
+                    clock.mark("start")
+                    feats = window_features(mod.wav2vec, m.window, self.device)
+                else:  # computed on the VAE rank
+                    wire = self.mail.take(("features", m.sid, b), self.timeout)
+                    clock.mark("start")
+                    feats = wire.tensor(self.device)
+                audio = dit.encode_audio(feats)
                 x = None
             else:
                 x, tokens = self.hops.recv_block(mod.dit_cfg, frames, s.latent_hw, mod.dtype,
@@ -335,7 +381,9 @@ class RankWorker:
         self.channel.send_when(make)
 
     def report(self) -> msg.Report:
-        busy = list(self.busy)
+        busy, feats = list(self.busy), list(self.feature_busy)
+        if feats and len(feats) == len(busy):  # the features share this rank's GPU
+            busy = [a + b for a, b in zip(busy, feats, strict=True)]
         rings = sum(s.denoiser.nbytes for s in list(self.dit.values()))
         return msg.Report(self.rank, {
             "role": self.role.describe(self.layout, self.setup.config.sampling.steps),
@@ -385,7 +433,7 @@ def fit_rank(config: EngineConfig, layout: Layout, rank: int, device: torch.devi
                               dtype=dtype, fp8=config.fp8, sessions=sessions,
                               text_device=config.text_device,
                               avatar_cache_bytes=config.avatar_cache_mb * MB, capacity=capacity,
-                              device=where, parts=role.parts, audio_encoder=role.features)
+                              device=where, parts=role.parts, audio_encoder=role.tokens)
         except ConfigError:
             if sessions == 1:
                 raise
@@ -495,7 +543,7 @@ def _start(channel: Channel, setup: msg.Setup, spec: RankSpec) -> RankWorker:
     if device.type == "cuda":  # before a single weight is read
         config, text_device, sessions = fit_rank(config, layout, setup.rank, device, dtype)
     models = load_rank_models(config, role.parts, device, dtype, text_device)
-    keep_what_the_role_runs(models, role.features)
+    keep_what_the_role_runs(models, role.tokens)
     speed = prepare_parts(models.dit, models.vae, device, dtype, config,
                           setup.stream.ring_frames, setup.stream.block_frames)
     worker = RankWorker(channel, setup, models, speed)

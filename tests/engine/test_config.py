@@ -71,8 +71,10 @@ def test_layouts() -> None:
     assert [list(Layout.parse("2").steps_of(r, 3)) for r in range(2)] == [[0], [1, 2]]
     assert Layout.parse("1").single and not Layout.parse("1+vae").single
     roles = [four.role(r) for r in range(5)]
-    assert roles[0].parts == ("dit", "wav2vec") and roles[3].parts == ("dit",)
-    assert roles[4].parts == ("vae", "text") and roles[3].last_dit
+    # the VAE rank computes the features; rank 0 the audio tokens from them
+    assert roles[0].parts == ("dit",) and roles[0].tokens and roles[3].parts == ("dit",)
+    assert roles[4].parts == ("vae", "text", "wav2vec") and roles[3].last_dit
+    assert Layout.parse("4").role(0).parts == ("dit", "wav2vec")
     two = Layout.parse(" 2 ")
     assert two.role(1).parts == ("dit", "vae", "text") and str(two) == "2"
     assert roles[3].describe(four, 4) == "rank 3: DiT step 3"
