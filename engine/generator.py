@@ -151,7 +151,8 @@ class StreamGenerator:
                                      self.cfg.warmup_latents)
         self._setup = StageClock(self.device)
         self._setup.mark("start")
-        self._set_up(tier, self._setup)
+        with torch.inference_mode():
+            self._set_up(tier, self._setup)
         self.audio = StreamingAudioFeatures(models.wav2vec, self.cfg.audio, self.device)
         self._captured: tuple[int, torch.Tensor] | None = None  # (block, first clean latent)
         self._setup_seconds: dict[str, float] | None = None
@@ -163,7 +164,8 @@ class StreamGenerator:
 
     def _set_up(self, tier: Tier, clock: StageClock) -> None:
         """Everything a size needs: conditioning, the steps' buffers and a primed decoder, from
-        the avatar cache when this image, size and prompt were set up before."""
+        the avatar cache when this image, size and prompt were set up before (under
+        inference mode)."""
         m, cache, params = self.models, self.speed.avatars, self.params
         assert params.image is not None
         h_img, w_img = params.image.shape[:2]
@@ -183,16 +185,15 @@ class StreamGenerator:
             self.ref_latent = state.ref_latent
         else:
             cond, shared = self._condition(params, clock, key)
-        schedule = FlowSchedule.make(tier.steps, self.shift)
-        with torch.inference_mode():
-            self.denoiser.start(self.latent_hw, cond, schedule, shared)
+        self.denoiser.start(self.latent_hw, cond, FlowSchedule.make(tier.steps, self.shift),
+                            shared)
 
     def _condition(self, params: SessionParams, clock: StageClock, key: AvatarKey | None
                    ) -> tuple[Conditioning, bool]:
         """Reference and motion latents, text K/V and the sink, computed (and cached)."""
         m, cache = self.models, self.speed.avatars
         assert params.image is not None
-        with torch.inference_mode(), self.speed.attention.active():
+        with self.speed.attention.active():
             ref_px, self.ref_latent = encode_reference(m.vae, params.image, self.height,
                                                        self.width, m.device, m.dtype)
             clock.mark("reference")
@@ -287,7 +288,8 @@ class StreamGenerator:
             silent = self.audio.pad_silence(last)
         started = time.perf_counter()
         plan = self.plans.plan()
-        self._apply(plan)
+        with torch.inference_mode():
+            self._apply(plan)
         clock = StageClock(self.device)
         clock.mark("start")
         with torch.inference_mode(), self.speed.attention.active():
@@ -322,8 +324,7 @@ class StreamGenerator:
             self.denoiser.empty_rings()
             self.decode.cut()
         if plan.new_steps:
-            with torch.inference_mode():
-                self.denoiser.set_steps(FlowSchedule.make(plan.tier.steps, self.shift))
+            self.denoiser.set_steps(FlowSchedule.make(plan.tier.steps, self.shift))
 
     def seek(self, block: int) -> None:
         """Continue at `block` (the engine skips ahead when it falls behind real time): the

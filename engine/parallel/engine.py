@@ -59,6 +59,7 @@ from engine.preview import draw_default_face
 from engine.progress import ProgressFn
 from engine.session_plan import SessionSchedule, Tier
 from engine.sizing import generation_size, parse_area, parse_size
+from engine.wan_engine import check_size
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,10 @@ class GroupFailed(EngineError):
 class PipelineBlock:
     """A block submitted to the pipeline (an `engine.api.PendingBlock`)."""
 
-    def __init__(self, sid: str, index: int, first_frame: int, silent: int, expected: int):
+    def __init__(self, sid: str, index: int, first_frame: int, silent: int, expected: int,
+                 timeout_s: float):
         self.sid = sid
+        self.timeout_s = timeout_s
         self.index = index
         self.first_frame = first_frame
         self.silent = silent
@@ -98,7 +101,10 @@ class PipelineBlock:
         return self._event.is_set()
 
     def result(self) -> FrameBlock:
-        self._event.wait()
+        # (a dead or hung group fails its blocks within seconds; this bound is a last resort)
+        if not self._event.wait(self.timeout_s):
+            self.fail(EngineError(f"block {self.index}'s frames did not come back within "
+                                  f"{self.timeout_s:.0f} s"))
         if self._error is not None:
             raise self._error
         assert self._block is not None
@@ -199,8 +205,12 @@ class ParallelSession:
         if plan.resize:
             self._encode(plan.generation, plan.tier)
         window = self.audio.window(first, FRAMES_PER_BLOCK)
-        pending = PipelineBlock(self.sid, plan.index, first, silent, self.engine.layout.dit_ranks)
+        pending = PipelineBlock(self.sid, plan.index, first, silent, self.engine.layout.dit_ranks,
+                                self.engine.block_timeout_s)
         self.engine.track(pending)
+        if self.group.down:  # it failed between our check and now: nobody else will say so
+            pending.fail(self.failed or GroupFailed("the GPU group failed"))
+            return pending
         features = self.engine.layout.features_rank
         for rank in range(self.engine.layout.world):
             self.group.send(rank, msg.Plan(self.sid, plan, window if rank == features else None))
@@ -249,6 +259,7 @@ class ParallelEngine:
         self.lookahead_s = config.audio_lookahead_s + 0.005
         self.max_sessions = config.max_sessions or DEFAULT_SESSIONS
         self.max_in_flight = self.layout.stages + 1  # one per stage, and one being delivered
+        self.block_timeout_s = config.receive_timeout_s * self.layout.stages + 60.0
         self.threads = threads if threads is not None else default_threads(self.layout,
                                                                            config.device)
         self.torchrun = config.group_launch == "torchrun"
@@ -346,15 +357,15 @@ class ParallelEngine:
 
     def _restart(self, old: RankGroup) -> None:
         old.kill()
-        for attempt in range(1_000_000):
-            if self._closing:
-                return
+        attempt = 0
+        while not self._closing:
             try:
                 self.start()
                 self.restarts += 1
                 return
             except Exception as exc:
                 wait = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                attempt += 1
                 log.error("restarting the GPU group failed (%s); again in %.0f s", exc, wait)
                 with self._lock:
                     self._detail = f"restart failed: {exc}; retrying"
@@ -442,10 +453,7 @@ class ParallelEngine:
     # 2. sessions ------------------------------------------------------------------------------
 
     def check_tier(self, size: str, steps: int) -> None:
-        if parse_area(size) > parse_area(self.config.max_size):
-            raise InputError(f"size {size!r} is larger than this engine's max_size "
-                             f"{self.config.max_size!r} (its GPU memory is planned for that); "
-                             "ask for a smaller size or raise [engine] max_size")
+        check_size(size, self.config.max_size)
         if not 1 <= steps <= 50:
             raise InputError(f"steps={steps}: accepted 1..50")
         self.layout.check_steps(steps)

@@ -123,6 +123,7 @@ class RankGroup:
         world = self.layout.world
         store_addr = None
         if self.spawn:
+            self._check_stopped()
             no_multicast()  # inherited by the children too
             self._store = dist.TCPStore("127.0.0.1", 0, world, is_master=True,
                                         wait_for_workers=False)
@@ -135,6 +136,7 @@ class RankGroup:
                 p.start()
                 self.processes[rank] = p
         while len(self.channels) < world:
+            self._check_stopped()
             self._check_processes("starting")
             if time.monotonic() > deadline:
                 missing = sorted(set(range(world)) - set(self.channels))
@@ -160,6 +162,7 @@ class RankGroup:
             channel.send(msg.Setup(self.config, str(self.layout), join.rank, world, store_addr,
                                    self.stream, self.threads, self.config.receive_timeout_s))
         while len(self.ready) < world:
+            self._check_stopped()
             self._check_processes("loading")
             if time.monotonic() > deadline:
                 missing = sorted(set(range(world)) - set(self.ready))
@@ -193,6 +196,10 @@ class RankGroup:
         p.join(0.5)
         return f" (exit code {p.exitcode})" if p.exitcode is not None else ""
 
+    def _check_stopped(self) -> None:
+        if self._down.is_set():
+            raise EngineError(f"layout {self.layout}: the group was stopped while starting")
+
     def _check_processes(self, when: str) -> None:
         for rank, p in self.processes.items():
             if not p.is_alive():
@@ -217,8 +224,9 @@ class RankGroup:
                 try:
                     m = self.channels[rank].recv()
                 except ChannelClosed:
-                    self.fail(f"rank {rank} ({self._what(rank)}) closed its control socket"
-                               f"{self._exit_code(rank)}")
+                    code = self._exit_code(rank)  # (waits a moment for a dying process)
+                    self.fail(f"rank {rank} ({self._what(rank)}) "
+                              + (f"died{code}" if code else "closed its control socket"))
                     return
                 self.last_seen[rank] = time.monotonic()
                 if isinstance(m, msg.Failed) and m.sid is None:
@@ -232,8 +240,8 @@ class RankGroup:
             for rank, seen in self.last_seen.items():
                 if now - seen > timeout:
                     self.fail(f"rank {rank} ({self._what(rank)}) on {self.hosts.get(rank)} sent "
-                               f"nothing for {now - seen:.1f} s (engine.rank_timeout_s = "
-                               f"{timeout}): hung")
+                              f"nothing for {now - seen:.1f} s (engine.rank_timeout_s = "
+                              f"{timeout}): hung")
                     return
 
     def _what(self, rank: int) -> str:

@@ -75,16 +75,24 @@ _STOP = object()
 
 
 class Mailbox:
-    """Values that one thread delivers and another takes by key, waiting with a timeout."""
+    """Values that one thread delivers and another takes by key (kind, session, ...), waiting
+    with a timeout. Only sessions that are open here take deliveries: one that arrives after
+    its session closed (a refresh latent still on its way) is dropped, not kept forever."""
 
     def __init__(self) -> None:
         self._items: dict[tuple, Any] = {}
+        self._live: set[str] = set()
         self._cond = threading.Condition()
+
+    def open(self, sid: str) -> None:
+        with self._cond:
+            self._live.add(sid)
 
     def put(self, key: tuple, value: Any) -> None:
         with self._cond:
-            self._items[key] = value
-            self._cond.notify_all()
+            if key[1] in self._live:
+                self._items[key] = value
+                self._cond.notify_all()
 
     def take(self, key: tuple, timeout: float) -> Any:
         with self._cond:
@@ -92,8 +100,9 @@ class Mailbox:
                 raise TimeoutError(f"nothing arrived for {key} within {timeout:.0f} s")
             return self._items.pop(key)
 
-    def drop(self, sid: str) -> None:
+    def close(self, sid: str) -> None:
         with self._cond:
+            self._live.discard(sid)
             for key in [k for k in self._items if k[1] == sid]:
                 del self._items[key]
 
@@ -216,6 +225,7 @@ class RankWorker:
         hh, ww = inputs.ref_latent.data.shape[-2:]
         session = DecoderSession(decoder, (int(hh), int(ww)))
         if m.generation == 0:
+            self.mail.open(m.sid)
             self.dec[m.sid] = session
         else:
             self.mail.put(("decoder", m.sid, m.generation), session)
@@ -229,6 +239,7 @@ class RankWorker:
                        owned=lambda steps: layout.steps_of(rank, steps))
         s.set_up(m.inputs, m.tier)
         self._sync()
+        self.mail.open(m.sid)
         self.dit[m.sid] = s
         self.channel.send(msg.Opened(m.sid, self.rank, time.perf_counter() - start, s.cache_hit))
 
@@ -274,7 +285,7 @@ class RankWorker:
         if s is not None:
             s.close()
         self.dec.pop(sid, None)
-        self.mail.drop(sid)
+        self.mail.close(sid)
 
     def _dit_block(self, m: msg.Plan) -> None:
         s, plan, mod, role = self.dit[m.sid], m.plan, self.models, self.role
