@@ -96,12 +96,81 @@ class WebRTCConfig:
 
 
 @dataclass(frozen=True)
+class Rung:
+    """One rung of the output ladder: a pixel-area budget "W*H" (the picture keeps the
+    session's aspect, and is never larger than the session's frames), a frame rate (25 or an
+    even decimation of it) and a bitrate."""
+
+    size: str
+    fps: float = 25.0
+    bitrate_kbps: int = 1000
+
+    @property
+    def area(self) -> int:
+        w, h = (int(p) for p in self.size.lower().replace("x", "*").split("*"))
+        return w * h
+
+
+DEFAULT_LADDER = (Rung("704*384", 25.0, 1500), Rung("528*288", 25.0, 800),
+                  Rung("352*192", 25.0, 350), Rung("352*192", 12.5, 200))
+
+
+def _rungs(raw: tuple) -> tuple[Rung, ...]:
+    """media.variants as TOML tables (or Rung values) -> validated Rungs."""
+    out = []
+    for i, item in enumerate(raw):
+        key = f"media.variants[{i}]"
+        if isinstance(item, dict):
+            extra = sorted(set(item) - {"size", "fps", "bitrate_kbps"})
+            if extra or "size" not in item:
+                raise ConfigError(f"{key}: expected a table {{size = \"704*384\", fps = 25.0, "
+                                  f"bitrate_kbps = 1500}}; got {item!r}")
+            try:
+                item = Rung(str(item["size"]), float(item.get("fps", 25.0)),
+                            int(item.get("bitrate_kbps", 1000)))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}={item!r}: size is \"W*H\", fps a number, "
+                                  "bitrate_kbps an integer") from None
+        if not isinstance(item, Rung):
+            raise ConfigError(f"{key}={item!r}: expected a table with size, fps, bitrate_kbps")
+        try:
+            area = item.area
+        except ValueError:
+            raise ConfigError(f"{key}.size={item.size!r}: expected \"W*H\", e.g. "
+                              "\"704*384\"") from None
+        _range(f"{key}.size (area)", area, 16 * 16, 4096 * 4096)
+        _range(f"{key}.fps", item.fps, 1.0, 25.0)
+        _range(f"{key}.bitrate_kbps", item.bitrate_kbps, 50, 50_000)
+        out.append(item)
+    if not out:
+        raise ConfigError("media.variants is empty: give at least one rung, e.g. "
+                          "[{size = \"704*384\", fps = 25.0, bitrate_kbps = 1500}]")
+    rates = [r.bitrate_kbps for r in out]
+    if rates != sorted(rates, reverse=True):
+        raise ConfigError(f"media.variants: bitrates {rates} must not increase down the ladder "
+                          "(the first rung is the best, each next one cheaper)")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class MediaConfig:
     encoder: str = "libx264"  # PyAV encoder for H.264 (pre-encoded packets to aiortc)
     preset: str = "ultrafast"
     tune: str = "zerolatency"
+    # H.264 bitrate of WebSocket video at the session's full size (smaller sizes get it scaled
+    # by their area); WebRTC and MPEG-TS viewers use the `variants` ladder
     bitrate_kbps: int = 1500
+    # the output ladder, best first (pixel-area budgets in the session's aspect): each WebRTC
+    # viewer gets the best rung its path carries (REMB, loss, send queue); MPEG-TS the first
+    variants: tuple = DEFAULT_LADDER
+    adapt_variants: bool = True  # move WebRTC viewers along the ladder (False: always the first)
     keyframe_interval_s: float = 1.0
+    # keyframes on a viewer's PLI/FIR (or a consumer resynchronising) per variant: a burst of
+    # 2, then at most this many a second (the rest wait, then share one); joins have their own
+    keyframe_requests_per_s: float = 1.0
+    opus_bitrate_kbps: int = 64  # WebRTC audio (Opus, 40 ms packets, encoded once per session)
+    aac_bitrate_kbps: int = 96  # MPEG-TS audio (AAC-LC, encoded once per session)
+    ts_max_lag_s: float = 5.0  # an MPEG-TS reader this far behind the stream is disconnected
     encoder_threads: int = 2  # the dedicated encoding executor
     playout_margin_s: float = 0.15  # added to the engine's latency for the playout delay
     jpeg_qscale: int = 3  # JPEG frames on the WebSocket: 2 (best) .. 31 (smallest)
@@ -110,8 +179,13 @@ class MediaConfig:
         _range("media.bitrate_kbps", self.bitrate_kbps, 100, 50_000)
         _range("media.jpeg_qscale", self.jpeg_qscale, 2, 31)
         _range("media.keyframe_interval_s", self.keyframe_interval_s, 0.2, 10.0)
+        _range("media.keyframe_requests_per_s", self.keyframe_requests_per_s, 0.1, 25.0)
+        _range("media.opus_bitrate_kbps", self.opus_bitrate_kbps, 6, 510)
+        _range("media.aac_bitrate_kbps", self.aac_bitrate_kbps, 32, 320)
+        _range("media.ts_max_lag_s", self.ts_max_lag_s, 0.5, 60.0)
         _range("media.encoder_threads", self.encoder_threads, 1, 32)
         _range("media.playout_margin_s", self.playout_margin_s, 0.0, 5.0)
+        object.__setattr__(self, "variants", _rungs(self.variants))
 
 
 @dataclass(frozen=True)

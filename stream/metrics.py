@@ -1,4 +1,5 @@
-"""Prometheus text-format metrics: counters with labels, gauges read at scrape time, loop lag."""
+"""Prometheus text-format metrics: counters with labels, gauges and labelled families read at
+scrape time (from live objects: per session, variant and viewer), loop lag."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+Labels = dict[str, str]
+SeriesReader = Callable[[], Iterable[tuple[Labels, float]]]
 
 HELP = {
     "avatar_sessions_created_total": "Sessions created.",
@@ -29,6 +33,7 @@ class Metrics:
     def __init__(self) -> None:
         self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._families: dict[str, tuple[str, str, SeriesReader]] = {}
         self.loop_lag = 0.0
         self._probe: asyncio.Task | None = None
 
@@ -38,6 +43,13 @@ class Metrics:
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self._gauges[name] = (help_text, read)
+
+    def family(self, name: str, help_text: str, kind: str, read: SeriesReader) -> None:
+        """A metric of many labelled series, read at scrape time (`kind`: counter | gauge).
+        Series come and go with what they describe (a session, a variant, a viewer)."""
+        if kind not in ("counter", "gauge"):
+            raise ValueError(f"kind {kind!r}: accepted counter, gauge")
+        self._families[name] = (help_text, kind, read)
 
     def get(self, name: str, **labels: str) -> float:
         return self._counters[name].get(tuple(sorted(labels.items())), 0.0)
@@ -65,6 +77,12 @@ class Metrics:
         lines = []
         for name, (help_text, read) in sorted(self._gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read():g}"]
+        for name, (help_text, kind, read_all) in sorted(self._families.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            for series_labels, value in read_all():
+                text = ",".join(f'{k}="{_escape(str(v))}"'
+                                for k, v in sorted(series_labels.items()))
+                lines.append(f"{name}{{{text}}} {value:g}")
         for name, series in sorted(self._counters.items()):
             lines += [f"# HELP {name} {HELP.get(name, name)}", f"# TYPE {name} counter"]
             for labels, value in sorted(series.items()):

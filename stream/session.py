@@ -3,10 +3,13 @@
 The audio source is either the caller's microphone or a bot's WebSocket (never both at once): the
 microphone feeds `AudioInput` directly, a bot's audio goes through its `SpeechSource` (a bounded
 queue released at the pace of the clock). `AudioInput` feeds the engine and the playout store; the
-engine's blocks land in the `FrameStore`; every viewer (the caller's own peer, WHEP peers, MPEG-TS
-readers, WebSocket media) plays from those two stores on the same clock. Any peer that disconnects
-is torn down completely (its tasks cancelled and awaited, its tracks stopped, its peer connection
-closed); the session itself ends on DELETE, idle timeout, maximum length, or an engine failure.
+engine's blocks land in the `FrameStore`. Every viewer (the caller's own peer, WHEP peers, MPEG-TS
+readers, WebSocket media) is a consumer of the session's one media fan-out (`SessionMedia`: one
+pacer on the clock, one encoder per output variant). A WebRTC viewer's RTCP feedback moves it
+along the ladder and asks its variant for keyframes (stream/media/feedback.py). Any peer that
+disconnects is torn down completely (its tasks cancelled and awaited, its tracks stopped and
+unsubscribed, its peer connection closed); the session itself ends on DELETE, idle timeout,
+maximum length, or an engine failure.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from engine.api import AudioChunk, FrameBlock
 from stream.config import StreamConfig
 from stream.errors import ApiError
+from stream.governor import OutputGovernor
 from stream.media.audio_in import AudioInput
 from stream.media.fanout import SessionMedia
+from stream.media.feedback import ViewerFeedback
 from stream.media.timeline import FrameStore, MediaClock, PlayoutAudio, PlayoutOverflow
 from stream.media.tracks import AvatarAudioTrack, AvatarVideoTrack
+from stream.media.ts_feed import TsFeed
 from stream.media.utterances import CutEngine, SpeechSource
 from stream.webrtc import answer_offer, negotiated_video_codec, prefer_codecs, rtc_configuration
 
@@ -50,9 +56,15 @@ class Peer:
     pc: RTCPeerConnection
     video: AvatarVideoTrack
     audio: AvatarAudioTrack
+    feedback: ViewerFeedback
     tasks: set[asyncio.Task] = field(default_factory=set)
     remote_tracks: list[MediaStreamTrack] = field(default_factory=list)
     codec: str | None = None
+
+    @property
+    def stalled(self) -> bool:
+        """Its media backed up (aiortc stopped taking it): nothing is dropped, it is dropped."""
+        return self.video.consumer.stalled or self.audio.consumer.stalled
 
     async def aclose(self) -> None:
         for task in list(self.tasks):
@@ -61,7 +73,9 @@ class Peer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.tasks.clear()
-        for track in (self.video, self.audio, *self.remote_tracks):
+        await self.video.detach()
+        await self.audio.detach()
+        for track in self.remote_tracks:
             track.stop()
         # shielded: a cancelled waiter would cancel aiortc's own close future (which aiortc then
         # fails to resolve); the close itself always runs to the end
@@ -108,7 +122,9 @@ class Session:
         self.frames = FrameStore(capacity=int((clock.delay + 1.0) * 25) + 24)
         self.playout = PlayoutAudio(seconds=clock.delay + 10.0, clock=clock)
         self.audio_in = AudioInput(clock, push_audio, self.playout)
-        self.media = SessionMedia(clock, self.frames, self.playout, cfg.media, executor, sid)
+        self.media = SessionMedia(clock, self.frames, self.playout, cfg.media, executor, sid,
+                                  size)
+        self.ts: TsFeed | None = None  # the MPEG-TS feed, made for the first stream.ts reader
         self.speech: SpeechSource | None = None  # made when a bot's socket first connects
         self._cut_audio = cut_audio
         self.peers: dict[str, Peer] = {}
@@ -144,6 +160,12 @@ class Session:
     @property
     def viewer_count(self) -> int:
         return len(self.peers) + len(self.ts_readers) + self._pending_viewers
+
+    def ts_feed(self) -> TsFeed:
+        """The session's one MPEG-TS stream (the first rung in H.264, AAC audio)."""
+        if self.ts is None:
+            self.ts = TsFeed(self.media, self.media.rung("h264", 0), f"ts-{self.id}")
+        return self.ts
 
     def idle_for(self) -> float:
         if self.viewer_count or self.sockets:
@@ -222,13 +244,13 @@ class Session:
     async def _add_peer(self, kind: str, offer_sdp: str) -> tuple[Peer, str]:
         pid = secrets.token_urlsafe(8)
         pc = RTCPeerConnection(rtc_configuration(self.cfg.webrtc))
-        video = AvatarVideoTrack(self.clock, self.frames, self.cfg.media, self.executor,
-                                 mode="latest" if kind == "whep" else "paced",
-                                 on_sent=self._count_frame)
-        audio = AvatarAudioTrack(self.clock, self.playout)
-        peer = Peer(pid, kind, pc, video, audio)
+        video = AvatarVideoTrack(self.media, f"{kind}-{pid}", on_sent=self._count_frame)
+        audio = AvatarAudioTrack(self.media, f"{kind}-{pid}-audio")
         pc.addTrack(audio)
-        pc.addTrack(video)
+        sender = pc.addTrack(video)
+        governor = OutputGovernor(self.media.ladder) if self.cfg.media.adapt_variants else None
+        feedback = ViewerFeedback(video, sender, governor, f"{self.id}/{pid}")
+        peer = Peer(pid, kind, pc, video, audio, feedback)
         prefer_codecs(pc, "video", self.cfg.webrtc.video_codecs)
         if kind == "caller":
             pc.on("track", lambda track: self._on_remote_track(peer, track))
@@ -301,6 +323,13 @@ class Session:
         self.log.info("%s peer %s gone", peer.kind, pid)
         return True
 
+    async def drop_stalled(self) -> None:
+        """Peers whose media backed up (audio is never dropped, so they are): disconnected."""
+        for peer in [p for p in self.peers.values() if p.stalled]:
+            self.log.warning("%s peer %s takes no media (its queue backed up): disconnected",
+                             peer.kind, peer.id)
+            await self.remove_peer(peer.id)
+
     # 5. shutdown -----------------------------------------------------------------------------
 
     async def aclose(self, reason: str) -> None:
@@ -323,8 +352,10 @@ class Session:
         readers = list(self.ts_readers.values())
         for task in readers:
             task.cancel()
-        if readers:  # the readers close their muxers on the way out
+        if readers:  # the readers leave the feed on the way out
             await asyncio.wait(readers, timeout=5.0)
+        if self.ts is not None:
+            await self.ts.aclose()
         if self.speech is not None:
             await self.speech.aclose()
         await self.media.aclose()
@@ -348,4 +379,9 @@ class Session:
             "frames_sent": self.stats.frames_sent,
             "audio_in_seconds": round(self.audio_in.samples_in / 16000, 2),
             "avatar": self.avatar,
+            "output": {"ladder": [v.name for v in self.media.ladder],
+                       "peers": {p.id: {"kind": p.kind, "codec": p.codec,
+                                        "variant": p.video.variant_key.name,
+                                        **p.feedback.figures()}
+                                 for p in self.peers.values()}},
         }

@@ -126,6 +126,7 @@ class SessionManager:
             now = time.monotonic()
             for session in list(self.sessions.values()):
                 try:
+                    await session.drop_stalled()
                     if session.idle_for() > limits.idle_timeout_s:
                         await session.aclose("idle timeout")
                     elif now - session.created > limits.max_length_s:

@@ -87,6 +87,21 @@ def drawn_face(width: int, height: int) -> np.ndarray:
     return draw_default_face(width, height)
 
 
+def textured_face(width: int, height: int, noise: float = 20.0, seed: int = 5) -> np.ndarray:
+    """The drawn face under a fixed grain: a picture that keeps video encoders at their nominal
+    bitrates (a flat drawing lets them idle far below)."""
+    rng = np.random.default_rng(seed)
+    grain = rng.normal(0.0, noise, (height, width, 3))
+    return np.clip(drawn_face(width, height) + grain, 0, 255).astype(np.uint8)
+
+
+def png_base64(rgb: np.ndarray, tmp: Path) -> str:
+    """`rgb` as a base64 PNG (the JSON form of a session's uploaded picture)."""
+    import base64
+
+    return base64.b64encode(write_image(tmp / "picture.png", rgb).read_bytes()).decode()
+
+
 def write_image(path: Path, rgb: np.ndarray) -> Path:
     """Write uint8 [H, W, 3] RGB as a JPEG (.jpg/.jpeg) or PNG (.png) through PyAV."""
     jpeg = path.suffix.lower() in (".jpg", ".jpeg")

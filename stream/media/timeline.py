@@ -45,7 +45,8 @@ class MediaClock:
         return self.t0 + self.delay + media_t
 
     def frame_playing_now(self) -> int:
-        return max(0, math.ceil(self.playing_now() * FPS))
+        """The video frame on screen now: frame n is presented during [n/25, (n+1)/25)."""
+        return max(0, math.floor(self.playing_now() * FPS))
 
     def engine_samples_now(self) -> int:
         return max(0, round(self.media_now() * SAMPLE_RATE))

@@ -33,7 +33,7 @@ from aiohttp import WSMsgType, web
 
 from stream.config import WebSocketConfig
 from stream.errors import ApiError
-from stream.media.fanout import MediaConsumer, VariantKey
+from stream.media.fanout import MediaConsumer, SessionMedia, VariantKey
 from stream.media.timeline import PLAYOUT_RATE
 from stream.metrics import Metrics
 from stream.session import Session
@@ -74,10 +74,10 @@ class Output:
     height: int = 0
     fps: float = 25.0
 
-    def variant(self) -> VariantKey | None:
+    def variant(self, media: SessionMedia) -> VariantKey | None:
         if self.video == "none":
             return None
-        return VariantKey(self.video, self.width, self.height, self.fps)
+        return media.video_key(self.video, self.width, self.height, self.fps)
 
 
 class _Socket(web.WebSocketResponse):
@@ -127,7 +127,8 @@ class BotSocket:
         w, h = session.size
         self.output = Output(width=w, height=h)
         self.stats_interval = cfg.stats_interval_s
-        self.consumer = MediaConsumer(self.id, max_audio_s=cfg.send_timeout_s + 1.0)
+        self.consumer = MediaConsumer(self.id, max_audio_s=cfg.send_timeout_s + 1.0,
+                                      kind="websocket")
         self._events: deque[str] = deque()
         self._wake = asyncio.Event()
         self.consumer.notify = self._wake
@@ -359,7 +360,8 @@ class BotSocket:
             self._stats_changed.set()
         previous, self.output = self.output, output
         if output != previous:
-            await self.session.media.subscribe(self.consumer, output.variant(), output.audio)
+            await self.session.media.subscribe(self.consumer, output.variant(self.session.media),
+                                              output.audio)
         self.emit("session.updated", {"audio_in": audio_in.as_dict(), "output": asdict(output),
                                       "stats_interval_ms": round(self.stats_interval * 1000),
                                       "client_event_id": message.event_id})

@@ -141,3 +141,22 @@ def test_the_sdk_installs_as_avatar_client(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True,
                          text=True, cwd=tmp_path, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "AvatarSocket", out.stderr
+
+
+async def test_a_frame_overtaken_by_an_interrupt_is_not_sent(running: Running) -> None:
+    session = await create_session(running.base)
+    bot = await AvatarSocket.connect(session)
+    second = tone(1.0)
+    burst = int(bot.ready.limits["max_queued_audio_ms"] * 0.8 / 1000)  # what the pacer allows
+    for _ in range(burst):
+        assert await bot.send_audio(second)  # all at once: within the pacer's burst
+    waiting = asyncio.create_task(bot.send_audio(second))  # waits for the pacer's refill
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    cleared = await bot.interrupt()
+    assert await asyncio.wait_for(waiting, 5) is False  # it belonged to the speech just cut
+    assert cleared.dropped_ms >= (burst - 2) * 1000
+    await bot.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        await bot.send_audio(second)
+    await delete_session(session)

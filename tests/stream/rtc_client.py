@@ -116,6 +116,7 @@ class Client:
         self.tasks: list[asyncio.Task] = []
         self.location: str | None = None
         self.peer_id: str | None = None
+        self.video_ssrc: int | None = None  # set by watch_keyframes
         self.pc.on("track", self._on_track)
 
     def _on_track(self, track) -> None:  # noqa: ANN001
@@ -197,3 +198,151 @@ async def wait_for(predicate, seconds: float, interval: float = 0.1) -> bool:  #
             return True
         await asyncio.sleep(interval)
     return predicate()
+
+
+@dataclass
+class RtpCount:
+    """What a counting-only client received: packets, bytes and frames (RTP timestamps) per
+    kind, the frames stamped with their arrival time."""
+
+    packets: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    frames: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def frames_between(self, kind: str, start: float, stop: float) -> int:
+        return sum(start <= t < stop for _, t in self.frames.get(kind, []))
+
+
+def count_only(client: Client) -> RtpCount:
+    """Make `client` count RTP instead of decoding it: a viewer that costs its own process
+    little, for measuring what viewers cost the server."""
+    count = RtpCount()
+    for transceiver in client.pc.getTransceivers():
+        kind = transceiver.kind
+
+        async def handle(packet, arrival_time_ms, kind=kind):  # noqa: ANN001, ANN202
+            count.packets[kind] = count.packets.get(kind, 0) + 1
+            count.bytes[kind] = count.bytes.get(kind, 0) + len(packet.payload)
+            frames = count.frames.setdefault(kind, [])
+            if not frames or frames[-1][0] != packet.timestamp:
+                frames.append((packet.timestamp, time.monotonic()))
+
+        transceiver.receiver._handle_rtp_packet = handle
+    return count
+
+
+async def whep_counting(http: ClientSession, session: dict) -> tuple[Client, RtpCount]:
+    """A WHEP viewer that only counts what it receives."""
+    client = Client()
+    client.pc.addTransceiver("video", direction="recvonly")
+    client.pc.addTransceiver("audio", direction="recvonly")
+    count = count_only(client)
+    await client.pc.setLocalDescription(await client.pc.createOffer())
+    async with http.post(session["urls"]["whep"], data=client.pc.localDescription.sdp,
+                         headers={"Authorization": f"Bearer {session['token']}",
+                                  "Content-Type": "application/sdp"}) as r:
+        text = await r.text()
+        assert r.status == 201, text
+        client.location = r.headers["Location"]
+    await client.pc.setRemoteDescription(RTCSessionDescription(text, "answer"))
+    return client, count
+
+
+def h264_keyframe(payload: bytes) -> bool:
+    """Does this H.264 RTP payload start an IDR picture (or its SPS)? RFC 6184: a single NAL
+    unit, a STAP-A aggregate, or the first fragment of an FU-A."""
+    if not payload:
+        return False
+    nal = payload[0] & 0x1F
+    if nal == 24:  # STAP-A: (size, NAL) pairs
+        pos = 1
+        while pos + 2 < len(payload):
+            size = int.from_bytes(payload[pos:pos + 2], "big")
+            if payload[pos + 2] & 0x1F in (5, 7):
+                return True
+            pos += 2 + size
+        return False
+    if nal == 28:  # FU-A: the start fragment carries the NAL type
+        return len(payload) > 1 and bool(payload[1] & 0x80) and payload[1] & 0x1F in (5, 7)
+    return nal in (5, 7)
+
+
+def watch_keyframes(client: Client) -> list[float]:
+    """Arrival times (monotonic) of the H.264 keyframes `client` receives, and the server's
+    video SSRC in `client.video_ssrc` once the first packet is in."""
+    arrivals: list[float] = []
+    for transceiver in client.pc.getTransceivers():
+        if transceiver.kind != "video":
+            continue
+        receiver = transceiver.receiver
+        original = receiver._handle_rtp_packet
+
+        async def handle(packet, arrival_time_ms, original=original):  # noqa: ANN001, ANN202
+            client.video_ssrc = packet.ssrc
+            if h264_keyframe(packet.payload) and (
+                    not arrivals or time.monotonic() - arrivals[-1] > 0.02):
+                arrivals.append(time.monotonic())
+            return await original(packet, arrival_time_ms=arrival_time_ms)
+
+        receiver._handle_rtp_packet = handle
+    return arrivals
+
+
+class Bottleneck:
+    """An in-process network bottleneck on what `client` receives: RTP leaves a drop-tail queue
+    at `kbps` (a router's buffer of `queue_s` at that rate), reaching aiortc late or not at all,
+    with the arrival time of its delivery (what the receiver's bandwidth estimator sees).
+
+    The client asks for each lost packet once, as browsers do (theirs pace NACKs by the RTT):
+    aiortc's own receiver asks again for every packet missing among the last 128 at each new
+    gap, a retransmission storm on a saturated link; without any NACK its jitter buffer holds
+    every frame behind a hole for 128 packets, and nothing decodes for seconds.
+    """
+
+    def __init__(self, client: Client, kbps: float, queue_s: float = 0.5):
+        from aiortc import clock
+
+        asked: set[int] = set()
+        for transceiver in client.pc.getTransceivers():
+            receiver = transceiver.receiver
+            original_nack = receiver._send_rtcp_nack
+
+            async def nack_once(media_ssrc: int, lost: list[int],
+                                original_nack=original_nack) -> None:  # noqa: ANN001
+                new = [seq for seq in lost if seq not in asked]
+                asked.update(new)
+                if len(asked) > 4096:
+                    asked.clear()
+                if new:
+                    await original_nack(media_ssrc, new)
+
+            receiver._send_rtcp_nack = nack_once
+
+        self.rate = kbps * 1000 / 8  # bytes per second
+        self.limit = self.rate * queue_s
+        self.free_at = 0.0
+        self.passed = self.dropped = 0
+        transport = client.pc.getTransceivers()[0].receiver.transport
+        original = transport._handle_rtp_data
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                at, data = await queue.get()
+                wait = at - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                await original(data, arrival_time_ms=clock.current_ms())
+
+        async def handle(data: bytes, arrival_time_ms: int) -> None:
+            now = time.monotonic()
+            start = max(now, self.free_at)
+            if (start - now) * self.rate + len(data) > self.limit:
+                self.dropped += 1
+                return
+            self.passed += 1
+            self.free_at = start + len(data) / self.rate
+            queue.put_nowait((self.free_at, data))
+
+        transport._handle_rtp_data = handle
+        client.tasks.append(asyncio.get_running_loop().create_task(deliver(), name="bottleneck"))

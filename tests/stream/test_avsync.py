@@ -36,14 +36,14 @@ async def test_lips_match_sound_at_the_start_and_after_five_minutes(running: Run
 
 async def test_offset_detector_sees_a_deliberate_shift(running: Running, monkeypatch) -> None:
     """The measurement itself: delay the played audio by 120 ms and it must report it."""
-    from stream.media import tracks
+    from stream.media import timeline
 
-    original = tracks.PlayoutAudio.read
+    original = timeline.PlayoutAudio.read
 
     def late(self, start, count):  # noqa: ANN001, ANN202
         return original(self, start - int(0.120 * 48000), count)
 
-    monkeypatch.setattr(tracks.PlayoutAudio, "read", late)
+    monkeypatch.setattr(timeline.PlayoutAudio, "read", late)
     s = await running.create()
     client = await call(running.http, s, bursts(20.0, seed=4))
     try:

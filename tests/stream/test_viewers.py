@@ -157,3 +157,40 @@ async def test_maximum_length_ends_the_session() -> None:
             await client.close()
     finally:
         await runner.cleanup()
+
+
+async def test_every_kind_of_viewer_shares_one_pacer_and_one_encoder(running: Running) -> None:
+    """A WHEP player, a stream.ts reader and a bot's socket asking for H.264 at full size: one
+    pacer, one H.264 encoder, each audio encoded once."""
+    from tests.stream.ws_client import WsClient
+
+    s = await running.create()
+    session = running.manager.get(s["session_id"])
+    viewer = await whep(running.http, s)
+    got = [0]
+
+    async def read_ts() -> None:
+        async with running.http.get(s["urls"]["stream_ts"]) as r:
+            async for chunk in r.content.iter_any():
+                got[0] += len(chunk)
+
+    reader = asyncio.create_task(read_ts())
+    bot = await WsClient.connect(s)
+    await bot.send({"type": "session.update", "output": {"video": "h264", "audio": True}})
+    try:
+        assert await wait_for(lambda: len(viewer.recording.video) >= 25 and got[0] > 0
+                              and len(bot.rec.media) > 25, 20)
+        pacers = [t for t in asyncio.all_tasks() if t.get_name() == f"pacer-{session.id}"]
+        assert len(pacers) == 1
+        (variant,) = session.media.variants.values()
+        assert variant.key == session.media.rung("h264", 0)
+        assert {c.kind for c in variant.consumers} == {"webrtc", "mpegts", "websocket"}
+        assert sorted(session.media.audio) == ["aac", "opus"]
+        encoded = variant.encoded
+        await asyncio.sleep(1.0)
+        assert 20 <= variant.encoded - encoded <= 30  # 25 a second for all three of them
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await bot.close()
+        await viewer.close()

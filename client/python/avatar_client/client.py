@@ -87,6 +87,7 @@ class AvatarSocket:
         self.ws = ws
         self.ready = ready
         self.audio_in = dict(ready.audio_in)
+        self.output = dict(ready.output)  # the media on this socket now (session.updated)
         self._pacer = _Pacer(ready.limits.get("max_queued_audio_ms", 30000) / 1000
                              * BURST_SHARE)
         self._inbox: asyncio.Queue[Event | MediaFrame | None] = asyncio.Queue(max_buffered)
@@ -134,7 +135,13 @@ class AvatarSocket:
     # 2. control ---------------------------------------------------------------------------
 
     async def _send_json(self, message: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(message))
+        await self._send(json.dumps(message))
+
+    async def _send(self, data: str | bytes) -> None:
+        try:
+            await self.ws.send(data)
+        except websockets.ConnectionClosed as exc:
+            raise ConnectionError(f"the connection closed ({exc})") from exc
 
     async def update(self, *, sample_rate: int | None = None, channels: int | None = None,
                      video: str | None = None, audio: bool | None = None,
@@ -159,6 +166,7 @@ class AvatarSocket:
         await self._send_json(message)
         updated = await self._expect(SessionUpdated, mark, client_event_id=message["event_id"])
         self.audio_in = dict(updated.audio_in)
+        self.output = dict(updated.output)
         return updated
 
     async def end_utterance(self) -> None:
@@ -183,11 +191,17 @@ class AvatarSocket:
     def sample_rate(self) -> int:
         return int(self.audio_in.get("sample_rate", 16000))
 
-    async def send_audio(self, pcm: bytes) -> None:
-        """One binary frame of PCM s16le in the declared format (paced, see the module)."""
+    async def send_audio(self, pcm: bytes) -> bool:
+        """One binary frame of PCM s16le in the declared format (paced, see the module).
+        Returns False if an `interrupt()` came while it waited for the pacer: the frame
+        belongs to the speech that was cut, so it is not sent."""
         frame = 2 * int(self.audio_in.get("channels", 1))
+        generation = self._interrupted
         await self._pacer.spend(len(pcm) / frame / self.sample_rate)
-        await self.ws.send(pcm)
+        if self._interrupted != generation:
+            return False
+        await self._send(pcm)
+        return True
 
     async def stream(self, pcm: bytes | Iterable[bytes] | AsyncIterable[bytes],
                      chunk_ms: float = 40.0, end: bool = True) -> bool:

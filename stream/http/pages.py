@@ -1,0 +1,55 @@
+"""The pages (call page, OBS page, static files) and the operational endpoints: liveness,
+readiness (the engine loaded and warm, capacity left) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from engine.api import engine_health
+from stream.http.state import server_of
+
+WEB_DIR = Path(__file__).resolve().parents[2] / "client" / "web"
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    name = "call.html" if request.path.startswith("/call") else "obs.html"
+    return web.FileResponse(WEB_DIR / name, headers={"Cache-Control": "no-store"})
+
+
+async def index(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/call")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    srv = server_of(request)
+    if srv.manager is None:
+        status = "failed" if srv.loading_error else "loading"
+        return web.json_response({"ready": False, "status": status, "error": srv.loading_error},
+                                 status=503)
+    engine = srv.manager.engine
+    runtime = srv.manager.runtime
+    health = engine_health(engine)
+    if not health.ready:  # e.g. a GPU group replacing a failed rank
+        return web.json_response({"ready": False, "status": health.status,
+                                  "error": health.detail, "engine": engine.name,
+                                  "sessions": runtime.active}, status=503)
+    capacity = max(0, runtime.max_sessions - runtime.active)
+    return web.json_response({
+        "ready": True, "status": "ready", "engine": engine.name,
+        "preview": engine.name == "preview",
+        "random_weights": bool(getattr(engine, "random_weights", False)),
+        "description": engine.description,
+        "sessions": runtime.active, "capacity": capacity, "load": round(runtime.load(), 3),
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=server_of(request).metrics.render(),
+                        content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
