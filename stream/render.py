@@ -1,7 +1,8 @@
 """`avatar render`: a reference image and an audio file in, an H.264 + AAC MP4 out.
 
 The file is fed to the same streaming engine session the server uses, in 0.1 s chunks, exactly as
-live audio would arrive; blocks are encoded as they come. Video frame n has PTS n/25 s and the
+live audio would arrive; blocks are encoded as they come (with a pipelined engine, several in
+flight, as the server's runtime keeps them). Video frame n has PTS n/25 s and the
 audio track starts at 0, so they are in sync by construction; the video is trimmed to the audio's
 duration (to the nearest frame).
 """
@@ -12,6 +13,7 @@ import argparse
 import logging
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -23,10 +25,14 @@ import numpy as np
 from engine.api import (
     DEFAULT_PROMPT,
     FPS,
+    FRAMES_PER_BLOCK,
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     AudioChunk,
     Engine,
+    FrameBlock,
+    PendingBlock,
+    PipelinedSession,
     SessionParams,
     session_info,
 )
@@ -109,13 +115,28 @@ def render(engine: Engine, image: np.ndarray, audio: np.ndarray, out: Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     mux = _Muxer(out, width, height)
     blocks_total = -(-total // 12)
-    done = 0
+    done = queued = 0  # frames written; frames of the blocks submitted
     tty = report is not None and hasattr(report, "isatty") and report.isatty()
     last_tenth = -1
+    # a pipelined engine gets as many blocks in flight as its runtime would give it (a pipeline
+    # of ranks: one per stage), so the render goes at the pipeline's pace
+    depth = getattr(engine, "max_in_flight", 2) if isinstance(session, PipelinedSession) else 1
+    pending: deque[PendingBlock | FrameBlock] = deque()
 
     def emit(pad: bool) -> None:
+        nonlocal queued
+        if isinstance(session, PipelinedSession):
+            block: PendingBlock | FrameBlock = session.submit_block(pad_silence=pad)
+        else:
+            block = session.next_block(pad_silence=pad)
+        pending.append(block)
+        queued += FRAMES_PER_BLOCK
+        while len(pending) >= depth:
+            write(pending.popleft())
+
+    def write(item: PendingBlock | FrameBlock) -> None:
         nonlocal done, last_tenth
-        block = session.next_block(pad_silence=pad)
+        block = item if isinstance(item, FrameBlock) else item.result()
         for rgb in block.frames[: max(0, total - block.first_frame)]:
             mux.add_frame(rgb)
         done = min(total, block.first_frame + len(block.frames))
@@ -131,10 +152,12 @@ def render(engine: Engine, image: np.ndarray, audio: np.ndarray, out: Path,
     try:
         for start in range(0, len(audio), CHUNK_SAMPLES):
             session.push_audio(AudioChunk(audio[start:start + CHUNK_SAMPLES], start))
-            while done < total and session.ready():
+            while queued < total and session.ready():
                 emit(pad=False)
-        while done < total:  # the tail: the last block's look-ahead lies past the file's end
+        while queued < total:  # the tail: the last block's look-ahead lies past the file's end
             emit(pad=True)
+        while pending:
+            write(pending.popleft())
         mux.add_audio(aac_audio if aac_audio is not None else _resample(audio, AAC_RATE))
     finally:
         mux.close()

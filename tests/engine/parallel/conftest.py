@@ -22,6 +22,9 @@ SCENARIO: list[tuple[str, object]] = [
 
 
 def tiny_config(ckpt, **kw) -> EngineConfig:  # noqa: ANN001
+    """The tiny checkpoint (LoRA alpha 2, as `tiny_models` loads it), with the group's waits
+    bounded for tests."""
+    kw = {"group_start_timeout_s": 120.0, "receive_timeout_s": 30.0, **kw}
     return EngineConfig(checkpoint=str(ckpt), lora_alpha=2.0, **kw)
 
 
