@@ -252,7 +252,13 @@ class ParallelEngine:
     def __init__(self, config: EngineConfig, threads: int | None = None):
         self.config = config
         self.layout = Layout.parse(config.layout)
-        self.layout.check_steps(config.sampling.steps, "engine.sampling.steps")
+        steps = config.sampling.steps
+        self.layout.check_steps(steps, "engine.sampling.steps")
+        if steps % self.layout.dit_ranks:
+            log.warning("%d steps over %d DiT ranks: the shares differ, the busiest ranks run %d "
+                        "steps a block and the pipeline goes at their pace (%d steps would be "
+                        "even)", steps, self.layout.dit_ranks, self.layout.max_share(steps),
+                        self.layout.max_share(steps) * self.layout.dit_ranks)
         self.stream_config = StreamConfig(audio=AudioFeatureConfig(
             left_context_s=config.audio_left_context_s, lookahead_s=config.audio_lookahead_s))
         self.random_weights = config.random_weights
@@ -330,7 +336,8 @@ class ParallelEngine:
                 self._status, self._detail = "ready", ""
         log.info("GPU group ready: %s", "; ".join(
             self.layout.role(r).describe(self.layout, self.config.sampling.steps) +
-            f" on {group.hosts[r]} {group.ready[r].device}" for r in range(self.layout.world)))
+            f" on {group.hosts[r]} {group.ready[r].device} (loaded in {group.ready[r].load_s:.1f}"
+            f" s, {group.ready[r].memory})" for r in range(self.layout.world)))
 
     def health(self) -> EngineHealth:
         with self._lock:

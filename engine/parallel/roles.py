@@ -17,7 +17,6 @@ while it arrives. The result is the same bits on every rank, since it is the sam
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -175,11 +174,6 @@ def encode_avatar(models: RankModels, speed: SpeedState, image: np.ndarray, heig
         seconds["text"] = time.perf_counter() - t
     inputs = AvatarInputs(key, height, width, Wire.of(ref), Wire.of(motion), Wire.of(context))
     return inputs, decoder, seconds, state is not None
-
-
-def without_image(params: SessionParams) -> SessionParams:
-    """What a DiT rank needs of a session's parameters (the image stays with the encoder)."""
-    return dataclasses.replace(params, image=None)
 
 
 def memory_stats(device: torch.device) -> dict[str, Any]:

@@ -186,9 +186,7 @@ class RankWorker:
             start = time.perf_counter()
             try:
                 with torch.inference_mode():
-                    feats = window_features(wav2vec, m.window, self.device)
-                    host = feats.to("cpu", non_blocking=True) if feats.is_cuda else feats
-                    event = _event(self.device)
+                    host, event = _to_host(window_features(wav2vec, m.window, self.device))
             except Exception as exc:  # rank 0 would wait for these in vain: fatal
                 self.channel.send(self.failure(exc))
                 return
@@ -363,8 +361,7 @@ class RankWorker:
         return lambda: self.mail.take(("decoder", sid, generation), self.timeout)
 
     def _send_latent(self, sid: str, block: int, latent: torch.Tensor) -> None:
-        host = latent.to("cpu", non_blocking=True) if latent.is_cuda else latent.clone()
-        event = _event(latent.device)
+        host, event = _to_host(latent)
 
         def make() -> msg.FirstLatent:
             if event is not None:
@@ -407,12 +404,16 @@ class RankWorker:
             **memory_stats(self.device)})
 
 
-def _event(device: torch.device) -> torch.cuda.Event | None:
-    if device.type != "cuda":
-        return None
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A host copy of `t` made without waiting (pinned memory, an event to wait on before it
+    is read) on a GPU; a plain copy on the CPU."""
+    if not t.is_cuda:
+        return t.clone(), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
-    return event
+    return host, event
 
 
 # 3. The process ---------------------------------------------------------------------------------
