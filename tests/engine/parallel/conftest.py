@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 
-import pytest
 import torch
 
 from engine.api import AudioChunk, FrameBlock, SessionParams
@@ -47,24 +47,29 @@ def run_scenario(session, audio, depth: int, scenario=SCENARIO) -> list[FrameBlo
     return out + [p.result() for p in pending]
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
+@contextmanager
+def rank_threads() -> Iterator[None]:
+    """This process computes with the ranks' thread count (for a reference of the same bits)."""
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def reference_blocks(tiny_models, tiny_ckpt, params: SessionParams,  # noqa: ANN001
                      audio, scenario=SCENARIO) -> list[FrameBlock]:
-    """The single-process generator (the in-process Wan engine), same seed and audio."""
+    """The single-process generator (the in-process Wan engine), same seed and audio, with the
+    ranks' thread count."""
     from engine.wan_engine import WanEngine
 
     engine = WanEngine(tiny_models, tiny_config(tiny_ckpt))
     try:
-        session = engine.open_session(params)
-        blocks = run_scenario(session, audio, 2, scenario)
-        session.close()
+        with rank_threads():
+            session = engine.open_session(params)
+            blocks = run_scenario(session, audio, 2, scenario)
+            session.close()
         return blocks
     finally:
         engine.close()

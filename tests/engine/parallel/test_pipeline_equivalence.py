@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.api import FrameBlock, SessionParams
+from engine.api import AudioChunk, FrameBlock, SessionParams
 from engine.parallel.engine import ParallelEngine
 from tests.engine.parallel.conftest import (
     SCENARIO,
@@ -35,15 +35,8 @@ def audio(example_audio):  # noqa: ANN001, ANN201
 
 @pytest.fixture(scope="module")
 def reference(tiny_models, tiny_ckpt_master, example_image, audio):  # noqa: ANN001, ANN201
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        return reference_blocks(tiny_models, tiny_ckpt_master,
-                                SessionParams(image=example_image, size="64*64", seed=5), audio)
-    finally:
-        torch.set_num_threads(before)
+    return reference_blocks(tiny_models, tiny_ckpt_master,
+                            SessionParams(image=example_image, size="64*64", seed=5), audio)
 
 
 @pytest.fixture(scope="module")
@@ -91,24 +84,14 @@ def test_every_layout_gives_the_single_process_frames(pipelines, reference, exam
 
 def test_two_sessions_interleaved_each_get_their_own_frames(
         pipelines, tiny_models, tiny_ckpt_master, example_image, audio) -> None:  # noqa: ANN001
-    import torch
-
     scenario = [("blocks", 6)]
     params = [SessionParams(image=example_image, size="64*64", seed=1),
               SessionParams(image=np.ascontiguousarray(example_image[:, ::-1]), size="64*64",
                             seed=2)]
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        want = [reference_blocks(tiny_models, tiny_ckpt_master, p, audio, scenario)
-                for p in params]
-    finally:
-        torch.set_num_threads(before)
+    want = [reference_blocks(tiny_models, tiny_ckpt_master, p, audio, scenario) for p in params]
     engine = pipelines("4+vae")
     sessions = [engine.open_session(p) for p in params]
     try:
-        from engine.api import AudioChunk
-
         for s in sessions:
             s.push_audio(AudioChunk(audio, 0))
         pending = [[], []]

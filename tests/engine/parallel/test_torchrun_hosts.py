@@ -41,16 +41,9 @@ def torchrun(nproc: int, rdzv: int, server: int, key: str) -> subprocess.Popen:
 
 def test_ranks_on_two_hosts_started_by_torchrun(tiny_models, tiny_ckpt_master, example_image,
                                                 example_audio, monkeypatch) -> None:  # noqa: ANN001
-    import torch
-
     audio = example_audio[:16000 * 8]
     params = SessionParams(image=example_image, size="64*64", seed=4)
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        want = reference_blocks(tiny_models, tiny_ckpt_master, params, audio, SCENARIO)
-    finally:
-        torch.set_num_threads(before)
+    want = reference_blocks(tiny_models, tiny_ckpt_master, params, audio, SCENARIO)
     key = secrets.token_hex(32)
     monkeypatch.setenv(KEY_ENV, key)
     server = free_port()
