@@ -8,6 +8,7 @@ at s / 16000 s, so one clock serves both. A block is 12 video frames (0.48 s, 76
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -15,11 +16,14 @@ import numpy as np
 
 from engine.config import EngineConfig
 from engine.errors import CapacityExhausted, ConfigError, EngineError, InputError
+from engine.parallel.layout import Layout
 from engine.progress import ProgressFn, ProgressPrinter
 from engine.sizing import parse_area
 
 if TYPE_CHECKING:
     from engine.runtime import EngineRuntime
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -121,6 +125,35 @@ class EngineSession(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class TieredSession(Protocol):
+    """A session whose generation tier can change mid-stream (the latency governor's lever)."""
+
+    def set_tier(self, size: str | None = None, steps: int | None = None) -> None:
+        """Generate from the next block on at this pixel-area budget and step count (None:
+        unchanged). Applied at that block boundary: frames change size from that block on. The
+        Wan engine's rule (`engine.session_plan`): a new size re-makes the conditioning, the
+        sink, the rings and the decoder state; a new step count empties the rings only. Raises
+        InputError for a size or step count the engine cannot run."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """Whether an engine can take sessions now. `status`: "ready", "starting", "restarting"
+    (a multi-GPU group replacing a failed rank) or "failed"; `detail` says why."""
+
+    ready: bool
+    status: str = "ready"
+    detail: str = ""
+
+
+def engine_health(engine: Engine) -> EngineHealth:
+    """The engine's health (optional for engines: a `health()` method; without one, ready)."""
+    health = getattr(engine, "health", None)
+    return health() if callable(health) else EngineHealth(True)
+
+
 def session_info(session: EngineSession) -> dict[str, Any]:
     """JSON-ready facts an engine session tells about itself, such as the preview's face
     detection ("face": {"found": ...}); {} for a session that tells nothing.
@@ -164,6 +197,8 @@ class Engine(Protocol):
     `max_sessions`: how many sessions it can hold at once (admission also watches measured load).
     `max_size`: the largest generation area budget ("W*H") a session may ask for; for the real
     engine it is what the GPU memory plan was checked for.
+    Optional: `max_in_flight` (blocks of one pipelined session submitted and not yet delivered
+    at once; default 2; a pipeline of k stages needs k + 1) and `health()` (`engine_health`).
     """
 
     name: str
@@ -185,12 +220,20 @@ __all__ = ["CapacityExhausted", "ConfigError", "EngineConfig", "EngineError", "I
 def create_engine(config: EngineConfig, progress: ProgressFn | None = None) -> Engine:
     """The engine `config` asks for. Imports torch only for the Wan engine (a checkpoint, or
     random weights)."""
+    single = Layout.parse(config.layout).single
     if config.checkpoint or config.random_weights:
+        if not single:
+            from engine.parallel.engine import ParallelEngine
+
+            return ParallelEngine.load(config, progress)
         from engine.wan_engine import WanEngine
 
         return WanEngine.load(config, progress)
     from engine.preview import PreviewEngine
 
+    if not single:
+        log.warning("engine.layout=%r is for the Wan engine (a checkpoint or random weights); "
+                    "the preview engine runs in one process", config.layout)
     return PreviewEngine(config)
 
 
@@ -199,4 +242,5 @@ def start_runtime(engine: Engine, loop: asyncio.AbstractEventLoop) -> EngineRunt
     from engine.runtime import EngineRuntime
 
     return EngineRuntime(engine, loop, max_sessions=engine.max_sessions,
-                         lookahead_s=engine.lookahead_s)
+                         lookahead_s=engine.lookahead_s,
+                         max_in_flight=getattr(engine, "max_in_flight", 2))

@@ -11,7 +11,9 @@ For block b (video frames [12 b, 12 b + 12)), wav2vec2 runs over the window
 [block start - left context, block end + look-ahead) (clamped at the session start), normalised
 with the mean and variance of the recent audio (`norm_s` seconds, with a floor so that long
 silence is not amplified into speech-loud noise). Memory is bounded: only the samples later
-blocks can still need are kept.
+blocks can still need are kept. The two halves are apart: `StreamingAudioFeatures.window` cuts
+and normalises a block's samples (numpy; where the audio arrives), `window_features` runs
+wav2vec2 on them (where the model lives), so a pipeline can do them in different processes.
 """
 
 from __future__ import annotations
@@ -80,10 +82,33 @@ def samples_needed(last_frame: int, cfg: AudioFeatureConfig) -> int:
     return max(feature_end, (last_frame + 1) * SAMPLES_PER_FRAME) + cfg.lookahead_samples
 
 
+@dataclass(frozen=True)
+class AudioWindow:
+    """A block's wav2vec2 input: normalised samples starting at 50 Hz frame `first_state`,
+    and the video frames [first_frame, first_frame + frames) to take features of."""
+
+    samples: np.ndarray  # float32
+    first_state: int
+    first_frame: int
+    frames: int
+
+
+def window_features(model: Wav2Vec2Features, window: AudioWindow, device: torch.device | str
+                    ) -> torch.Tensor:
+    """wav2vec2 features of a window's frames -> [1, L, A, frames]."""
+    x = to_device(window.samples[None], device)
+    states = model(x)  # [1, L, T, A]
+    if states.shape[2] < 1 or feature_frames(len(window.samples)) != states.shape[2]:
+        raise AssertionError("wav2vec2 frame count does not match the window")
+    last = window.first_frame + window.frames - 1
+    return interpolate_frames(states, window.first_state, np.arange(window.first_frame, last + 1))
+
+
 class StreamingAudioFeatures:
     """Per-block wav2vec2 features [1, L, A, frames] from audio pushed in arbitrary chunks."""
 
-    def __init__(self, model: Wav2Vec2Features, cfg: AudioFeatureConfig, device: torch.device | str):
+    def __init__(self, model: Wav2Vec2Features | None, cfg: AudioFeatureConfig,
+                 device: torch.device | str = "cpu"):
         self.model = model
         self.cfg = cfg
         self.device = device
@@ -102,6 +127,12 @@ class StreamingAudioFeatures:
 
     def features(self, first_frame: int, frames: int) -> torch.Tensor:
         """Features of video frames [first_frame, first_frame + frames) -> [1, L, A, frames]."""
+        assert self.model is not None, "no wav2vec2 here: cut windows and compute elsewhere"
+        return window_features(self.model, self.window(first_frame, frames), self.device)
+
+    def window(self, first_frame: int, frames: int) -> AudioWindow:
+        """The normalised wav2vec2 input for video frames [first_frame, first_frame + frames);
+        samples no later block needs are then forgotten."""
         cfg = self.cfg
         last = first_frame + frames - 1
         stop = samples_needed(last, cfg)
@@ -112,11 +143,8 @@ class StreamingAudioFeatures:
         stats = self.buffer.read(norm_start, stop).astype(np.float64)
         mean = float(stats.mean())
         std = max(float(stats.std()), cfg.norm_floor)
-        x = to_device(((wave - mean) / std).astype(np.float32)[None], self.device)
-        states = self.model(x)  # [1, L, T, A]
-        if states.shape[2] < 1 or feature_frames(len(wave)) != states.shape[2]:
-            raise AssertionError("wav2vec2 frame count does not match the window")
-        out = interpolate_frames(states, start // HOP, np.arange(first_frame, last + 1))
+        out = AudioWindow(((wave - mean) / std).astype(np.float32), start // HOP, first_frame,
+                          frames)
         self.buffer.forget_before(min(norm_start, (last + 1) * SAMPLES_PER_FRAME - cfg.left_samples))
         return out
 

@@ -3,7 +3,9 @@ that the next session with the same avatar skips it.
 
 An entry holds the reference latent, the 19 motion latents, the text K/V, the prefilled sink and
 the primed VAE decoder state (the causal cache after the warm-up decode): everything a session
-computes before its first block except its rings. All of it is read-only once made (sessions
+computes before its first block except its rings. A process that runs only one role of the set-up
+(a rank of a pipeline, `engine.parallel`) keeps only its part: the VAE's rank the latents and the
+decoder state, a DiT rank the latents, the text K/V and the sink. All of it is read-only once made (sessions
 copy the sink into their own buffers, and decoder slots are replaced, never written in place), so
 sessions share one entry without copying it. Entries live on the engine's device; the cache is
 bounded by bytes (`[engine] avatar_cache_mb`) and evicts the least recently used. umT5 outputs
@@ -52,16 +54,18 @@ class AvatarState:
 
     ref_latent: torch.Tensor  # [1, 16, 1, h, w]
     motion: torch.Tensor  # [1, 16, 19, h, w]
-    text: TextKV
-    sink: SinkKV
+    text: TextKV | None = None  # the DiT's part (None where no denoising step runs)
+    sink: SinkKV | None = None
     # the decoder's causal cache after the warm-up; filled by the warm-up job when it ran
     decode_slots: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.ref_latent, self.motion, *self.text.keys, *self.text.values,
-                   *self.decode_slots.values()]
-        return self.sink.nbytes + sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [self.ref_latent, self.motion, *self.decode_slots.values()]
+        if self.text is not None:
+            tensors += [*self.text.keys, *self.text.values]
+        sink = self.sink.nbytes if self.sink is not None else 0
+        return sink + sum(t.numel() * t.element_size() for t in tensors)
 
 
 class AvatarCache:

@@ -410,10 +410,31 @@ def command(args: argparse.Namespace) -> int:
         sizes = [x.strip() for x in args.size.split(",") if x.strip()]
         for size in sizes:
             parse_area(size)
+        if args.rank_share or (args.layout and args.layout.strip() != "1"):
+            return _pipeline_command(args, config, opts, sizes)
         outs = run_bench(config, opts, sizes)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for out in outs:  # one JSON object (line) per size
         print(json.dumps(out) if args.json else format_table(out), flush=True)
+    return 0
+
+
+def _pipeline_command(args: argparse.Namespace, config: EngineConfig, opts: BenchOptions,
+                      sizes: list[str]) -> int:
+    """--layout / --rank-share (engine.parallel.bench): one JSON object per size."""
+    from engine.parallel import bench as pipeline
+
+    for size in sizes:
+        o = dataclasses.replace(opts, size=size)
+        if args.rank_share:
+            try:
+                layout, rank = pipeline.parse_rank_share(args.rank_share)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            out = pipeline.bench_rank_share(config, o, layout, rank)
+        else:
+            out = pipeline.bench_layout(config, o, args.layout)
+        print(json.dumps(out) if args.json else pipeline.format_table(out), flush=True)
     return 0

@@ -54,7 +54,14 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocks", type=int, default=8,
                    help="steady-state blocks measured after the warm-up (default 8)")
     p.add_argument("--baseline", action="store_true",
-                   help="also run the plain path first and print ratios to it")
+                   help="also run the plain path first and print ratios to it (with --layout: "
+                        "layout 1 in this process, with the same switches)")
+    p.add_argument("--layout", default=None,
+                   help="measure a whole pipeline of ranks (e.g. 4+vae): throughput, time to "
+                        "first frame, each rank's stage time and peak memory")
+    p.add_argument("--rank-share", default=None, metavar="LAYOUT:RANK",
+                   help="measure on this one device what rank RANK of LAYOUT holds and runs "
+                        "(e.g. 4:0): its stage time and peak memory")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--config", default=None,
                    help="config.toml whose [engine] speed switches to start from")

@@ -43,6 +43,9 @@ def _in_range(name: str, value: float, lo: float, hi: float) -> None:
         raise ConfigError(f"{name}={value!r} is out of range: accepted {lo}..{hi}")
 
 
+GROUP_LAUNCHES = ("spawn", "torchrun")
+
+
 def _one_of(name: str, value: str, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
         raise ConfigError(f"{name}={value!r}: accepted {accepted}")
@@ -93,6 +96,13 @@ class EngineConfig:
     avatar_cache_mb: int = 4096  # per-avatar set-up results kept on the device; 0: off
     compile: bool = False  # torch.compile of the DiT layer (4 graphs per size, at start-up)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune...
+    # the pipeline across GPUs (engine.parallel)
+    layout: str = "1"  # "k" DiT ranks (the last one decodes) or "k+vae"; "1": one process
+    group_launch: str = "spawn"  # spawn: the server starts its ranks | torchrun: they join
+    group_listen: str = "127.0.0.1:0"  # where the server takes its ranks' control sockets
+    rank_timeout_s: float = 4.0  # a rank silent this long (no heartbeat) is hung
+    receive_timeout_s: float = 120.0  # a rank's longest wait for a neighbour's block
+    group_start_timeout_s: float = 1800.0  # joining, loading and warming up every rank
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     # the speed paths, and their values on the plain path (`avatar bench --baseline`)
@@ -144,7 +154,31 @@ class EngineConfig:
             value = getattr(self, key)
             if not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
                 raise ConfigError(f"{sec}.{key}={value!r}: accepted auto, cpu, cuda, cuda:N")
+        self._validate_layout()
         if self.random_weights and self.checkpoint:
             raise ConfigError(f"{sec}.random_weights=true and {sec}.checkpoint="
                               f"{self.checkpoint!r} exclude each other: empty the checkpoint to "
                               "run random weights, or set random_weights = false")
+
+    def _validate_layout(self) -> None:
+        from engine.parallel.layout import Layout
+
+        sec = "engine"
+        layout = Layout.parse(self.layout, f"{sec}.layout")
+        if self.sampling.steps < layout.dit_ranks:
+            raise ConfigError(f"{sec}.layout={self.layout!r} gives each of its "
+                              f"{layout.dit_ranks} DiT ranks at least one step, but "
+                              f"{sec}.sampling.steps={self.sampling.steps}: use "
+                              f"{sec}.sampling.steps >= {layout.dit_ranks} or fewer DiT ranks")
+        _one_of(f"{sec}.group_launch", self.group_launch, GROUP_LAUNCHES)
+        host, _, port = self.group_listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"{sec}.group_listen={self.group_listen!r}: expected HOST:PORT "
+                              "such as \"127.0.0.1:0\" (port 0: any free port; torchrun ranks "
+                              "need a fixed, reachable one such as \"0.0.0.0:29600\")")
+        if self.group_launch == "torchrun" and int(port) == 0:
+            raise ConfigError(f"{sec}.group_launch = \"torchrun\" needs a fixed port in "
+                              f"{sec}.group_listen (the ranks' --server), not {self.group_listen!r}")
+        _in_range(f"{sec}.rank_timeout_s", self.rank_timeout_s, 0.5, 600.0)
+        _in_range(f"{sec}.receive_timeout_s", self.receive_timeout_s, 1.0, 3600.0)
+        _in_range(f"{sec}.group_start_timeout_s", self.group_start_timeout_s, 5.0, 86400.0)

@@ -8,6 +8,8 @@ has finished (`PendingDecode.done()`), not one block later.
 
 One `DecodeQueue` per engine: decodes of all its sessions run in submission order, so a decode
 cache (per session) or a cached warm-up state (per avatar) made by one job is ready for the next.
+A `SessionDecoder` is one session's decode stream on such a queue: its causal cache, primed on the
+motion latents at the start and primed afresh after a cut in the timeline.
 """
 
 from __future__ import annotations
@@ -108,6 +110,73 @@ class DecodeQueue:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+class SessionDecoder:
+    """One session's streaming decode: the causal cache carried from block to block.
+
+    `start` makes a fresh cache primed on the first `warmup_latents` motion latents (the frames
+    are discarded), either from `primed` (the slots such a warm-up left, kept by the avatar
+    cache) or by queueing the warm-up decode, whose slots it then also copies into `keep`. `cut`
+    returns to that primed state (a seek: the decoder must not run across the jump), from the
+    kept slots or by decoding the warm-up again; both are the same bits. Every change is a job
+    on the queue, so it lands between the blocks submitted before and after it.
+    """
+
+    def __init__(self, vae: WanVAE, queue: DecodeQueue, channels_last: bool = False,
+                 warmup_latents: int = 7):
+        self.vae = vae
+        self.queue = queue
+        self.channels_last = channels_last
+        self.warmup_latents = warmup_latents
+        self.cache = CausalCache()
+        self._warm = torch.empty(0)
+        self._primed: dict[str, torch.Tensor] | None = None
+
+    def start(self, motion: torch.Tensor, dtype: torch.dtype,
+              primed: dict[str, torch.Tensor] | None = None,
+              keep: dict[str, torch.Tensor] | None = None) -> PendingDecode | None:
+        """A fresh primed cache for `motion` [1, 16, T, h, w]; returns the warm-up decode when
+        one was queued."""
+        self._warm = motion[:, :, : self.warmup_latents].to(dtype)
+        self._primed = primed if primed else keep
+        return self._prime(from_slots=bool(primed), keep=None if primed else keep)
+
+    def cut(self) -> None:
+        """Back to the primed state of `start`."""
+        self._prime(from_slots=bool(self._primed), keep=None)
+
+    def _prime(self, from_slots: bool, keep: dict[str, torch.Tensor] | None
+               ) -> PendingDecode | None:
+        cache = self.cache = CausalCache()
+        if from_slots:
+            primed = self._primed
+            assert primed is not None
+            # a job, so that slots a queued warm-up is still filling are complete by then
+            self.queue.run(lambda: cache.slots.update(primed))
+            return None
+        warm = self._warm
+        if not warm.shape[2]:
+            return None
+        vae, cl = self.vae, self.channels_last
+
+        def job() -> DecodedFrames:
+            out = decode_block(vae, warm, cache, cl)
+            if keep is not None:
+                keep.update(cache.slots)
+            return out
+
+        return self.queue.submit(job, inputs=(warm,))
+
+    def submit(self, latents: torch.Tensor) -> PendingDecode:
+        """Decode a block's clean latents [1, 16, F, h, w] (model dtype) after everything
+        queued before."""
+        vae, cache, cl = self.vae, self.cache, self.channels_last
+        return self.queue.submit(lambda: decode_block(vae, latents, cache, cl), inputs=(latents,))
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes()
 
 
 def _no_grad(job: Callable[[], DecodedFrames]) -> DecodedFrames:

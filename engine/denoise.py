@@ -1,22 +1,30 @@
-"""One denoising step of a session's blocks, and the inputs its steps share.
+"""The denoising steps of a session's blocks, and the inputs its steps share.
 
 A `DenoiseStage` is step i of every block: it owns one K/V buffer (`engine.kv_cache.StepKV`: the
 sink and its own ring, filled from its own noisy inputs, i.e. timestep forcing) and reads only
 shared, read-only values: the DiT, the session's `Conditioning` and the block's `BlockInput`. So
-a multi-GPU runner can put stage i on rank i and pass only the block latents between ranks.
+a multi-GPU runner puts stage i on the rank that owns step i and passes only the block latents
+between ranks. A `SessionDenoiser` is the set of stages one process runs for one session (all of
+them in the single-process generator, a rank's share in `engine.parallel`), with the sink they
+share and the state changes a block plan asks for (`engine.session_plan`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from engine.conditioning import prefill_sink
 from engine.kv_cache import StepAttention, StepKV
 from engine.models.dit import AudioTokens, LayerRunner, SinkKV, TextKV, WanS2VDiT
+from engine.models.rope import RopeAngles
 from engine.sampling import FlowSchedule
+from engine.speed.compile import CompiledLayers
+from engine.timing import StageClock
+from engine.transfer import to_device
 
 REF_AHEAD_RANGE = (4, 30)  # the rolling sink sits this many latent frames ahead (inclusive)
 
@@ -92,3 +100,153 @@ class DenoiseStage:
 
 # (block, step, latents in, velocity, block input): a hook for tests and diagnostics
 StepObserver = Callable[[int, int, torch.Tensor, torch.Tensor, BlockInput], None]
+
+
+def all_steps(steps: int) -> range:
+    return range(steps)
+
+
+class SessionDenoiser:
+    """One session's denoising state in one process: the `Conditioning` (text K/V and sink) and a
+    `DenoiseStage` for each step of the schedule that `owned(steps)` gives this process.
+
+    `start` (re)builds it for a size (new buffers holding the sink, empty rings), `set_steps` for
+    a new step count (the same sink, empty rings; buffers are reused), `empty_rings` after a
+    seek and `refresh` re-anchors the sink. Not thread-safe: one thread drives it.
+    """
+
+    def __init__(self, dit: WanS2VDiT, ring_frames: int, dtype: torch.dtype,
+                 device: torch.device, layers: CompiledLayers | None = None,
+                 owned: Callable[[int], Sequence[int]] = all_steps,
+                 observer: StepObserver | None = None):
+        self.dit = dit
+        self.ring_frames = ring_frames
+        self.dtype = dtype
+        self.device = device
+        self.layers = layers
+        self.owned = owned
+        self.observer = observer
+        self.rope = RopeAngles(dit.cfg.rope_bands, device)
+        self.stages: list[DenoiseStage] = []
+        self.latent_hw = (0, 0)
+        self.sink_shared = False  # the full sink belongs to a cache: never reduce it here
+
+    # 1. state changes -----------------------------------------------------------------------
+
+    def start(self, latent_hw: tuple[int, int], cond: Conditioning, schedule: FlowSchedule,
+              sink_shared: bool) -> None:
+        """Build the stages of `schedule` for blocks of `latent_hw` latents, each with a new
+        K/V buffer holding `cond.sink` and an empty ring (any previous buffers are freed
+        first)."""
+        self.stages = []
+        self.latent_hw = latent_hw
+        self.cond = cond
+        self.sink_shared = sink_shared
+        sink = cond.sink
+        self.motion_rope = self.rope.of(to_device(sink.positions[sink.ref_tokens:], self.device))
+        if self.layers is not None:
+            self.layers.mark_static(*cond.text.keys, *cond.text.values)
+        self._build(schedule, [])
+        self._keep_reference_only()
+
+    def set_steps(self, schedule: FlowSchedule) -> None:
+        """Run `schedule` from the next block: its stages over the same sink, rings empty."""
+        buffers = [s.kv for s in self.stages]
+        for kv in buffers:
+            kv.empty_ring()
+        self._build(schedule, buffers)
+
+    def empty_rings(self) -> None:
+        for stage in self.stages:
+            stage.kv.empty_ring()
+
+    def refresh(self, latent: torch.Tensor) -> None:
+        """Re-prefill the sink with `latent` [1, 16, 1, h, w] as the reference (Live-Avatar's
+        rolling sink frame); the new sink is the session's own, never a cache's."""
+        cond = self.cond
+        cond.sink = prefill_sink(self.dit, latent, cond.motion, cond.text)
+        for stage in self.stages:
+            stage.set_sink(cond.sink, self.motion_rope)
+        self.sink_shared = False
+        self._keep_reference_only()
+
+    def _build(self, schedule: FlowSchedule, buffers: list[StepKV]) -> None:
+        self.schedule = schedule
+        cfg, cond = self.dit.cfg, self.cond
+        hh, ww = self.latent_hw
+        model = buffers[0] if buffers else None
+        stages = []
+        for i in self.owned(schedule.steps):
+            if buffers:
+                kv = buffers.pop(0)
+            else:
+                kv = StepKV(cfg.num_layers, 1, int(cond.sink.keys.shape[2]) if model is None
+                            else model.sink_tokens, cond.sink.ref_tokens, self.ring_frames,
+                            (hh // 2) * (ww // 2), cfg.num_heads, cfg.head_dim, self.dtype,
+                            self.device)
+                with torch.inference_mode():
+                    if model is None:
+                        kv.set_sink(cond.sink, self.motion_rope)
+                    else:  # the session's sink may be down to its reference keys by now
+                        kv.copy_sink(model)
+                if self.layers is not None:
+                    self.layers.mark_static(*kv.k_layers, *kv.v_layers)
+            stages.append(DenoiseStage(self.dit, schedule, i, kv, cond, self.layers))
+        self.stages = stages
+
+    def _keep_reference_only(self) -> None:
+        """Once every step's buffer holds the sink, the session needs only its reference keys
+        (re-rotated per step); the rest is dropped unless a cache shares it."""
+        if not self.sink_shared and self.stages:
+            self.cond.sink = self.cond.sink.reference_only()
+
+    # 2. a block -----------------------------------------------------------------------------
+
+    def block_input(self, b: int, audio: AudioTokens, seed: int, pinned: int | None,
+                    block_frames: int) -> BlockInput:
+        """Block b's shared inputs; RoPE angles on the device, once for all steps and layers."""
+        cfg = self.dit.cfg
+        frame0 = b * block_frames
+        h2, w2 = self.latent_hw[0] // 2, self.latent_hw[1] // 2
+        ahead = tuple(pinned if pinned is not None else ref_ahead(seed, b, i)
+                      for i in range(self.schedule.steps))
+        ref_rope: tuple[Rope, ...] = tuple(
+            self.rope.grid(max(cfg.ref_time, frame0 + d), 1, h2, w2) for d in ahead)
+        return BlockInput(b, frame0, audio, ahead, self.rope.grid(frame0, block_frames, h2, w2),
+                          ref_rope)
+
+    def run(self, x: torch.Tensor, block: BlockInput, clock: StageClock) -> torch.Tensor:
+        """This process's steps of the block: latents at the first owned step's noise level in,
+        at the next one's out (float32); marks "step{i}" after each step."""
+        for stage in self.stages:
+            v = stage.velocity(x, block)
+            if self.observer is not None:
+                self.observer(block.index, stage.step, x, v, block)
+            x = stage.update(x, v)
+            clock.mark(f"step{stage.step}")
+        return x
+
+    @property
+    def steps(self) -> list[int]:
+        return [s.step for s in self.stages]
+
+    @property
+    def sink_tokens(self) -> int:
+        """Tokens of the sink each step attends to (reference + motion)."""
+        return self.stages[0].kv.sink_tokens if self.stages else int(self.cond.sink.keys.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.kv.nbytes for s in self.stages)
+
+    def close(self) -> None:
+        self.stages = []  # drop the buffers now, not at garbage collection
+
+
+def step_seconds(clock: StageClock, steps: Sequence[int]) -> tuple[float, ...]:
+    """Seconds of each of `steps` from a clock marked "inputs", then "step{i}" after each."""
+    out, prev = [], "inputs"
+    for i in steps:
+        out.append(clock.between(prev, f"step{i}"))
+        prev = f"step{i}"
+    return tuple(out)

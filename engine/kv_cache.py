@@ -60,6 +60,17 @@ class StepKV:
         self.v[:, :, :s] = sink.values
         self._rotate_into(self.k[:, :, r:s], sink.keys[:, :, r:], *motion_rope)
 
+    def copy_sink(self, other: StepKV) -> None:
+        """Take the sink another step's buffer holds (the same bits `set_sink` would write: the
+        values, and the motion keys at their fixed positions; the reference keys are re-rotated
+        before every step anyway)."""
+        s = self.sink_tokens
+        if other.sink_tokens != s or other.k.shape[2:] != self.k.shape[2:]:
+            raise ValueError(f"buffer with a {other.sink_tokens}-token sink does not fit one "
+                             f"made for {s}")
+        self.k[:, :, :s] = other.k[:, :, :s]
+        self.v[:, :, :s] = other.v[:, :, :s]
+
     def rotate_reference(self, sink: SinkKV, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Place this step's reference keys at their rolling-sink position, in every layer."""
         self._rotate_into(self.k[:, :, :self.ref_tokens], sink.keys[:, :, :self.ref_tokens], *rope)
@@ -91,6 +102,12 @@ class StepKV:
 
     def advance(self, new_frames: int) -> None:
         self.written += new_frames
+
+    def empty_ring(self) -> None:
+        """Forget the ring's history (the sink stays): the next block attends to itself and the
+        sink only, as a session's first block does. Stale slots are never read, since a step
+        attends to the valid prefix only."""
+        self.written = 0
 
     @property
     def nbytes(self) -> int:

@@ -148,7 +148,8 @@ W2V_LARGE_PARAMS = 315_438_720  # wav2vec2-large-xlsr-53 without its CTC head
 def plan_memory(dit: DiTConfig, vae: VAEConfig, size: str, *, steps: int = 4,
                 dtype: torch.dtype = torch.bfloat16, fp8: bool = False, sessions: int = 1,
                 ring_frames: int = 12, block_frames: int = 3, t5: UMT5Dims | None = None,
-                wav2vec_params: int = W2V_LARGE_PARAMS, avatar_cache_bytes: int = 0
+                wav2vec_params: int = W2V_LARGE_PARAMS, avatar_cache_bytes: int = 0,
+                parts: tuple[str, ...] = ("dit", "vae", "wav2vec"), audio_encoder: bool = True
                 ) -> MemoryPlan:
     """The GPU memory of an engine whose sessions use at most `size` (a W*H area budget).
 
@@ -157,37 +158,53 @@ def plan_memory(dit: DiTConfig, vae: VAEConfig, size: str, *, steps: int = 4,
     reference keys of its own (its steps hold the rest); a cached avatar holds a whole sink, its
     text K/V and a primed decoder, shared with the session using it: counting the whole budget
     on top is an upper bound.
+    `parts`, `steps` and `audio_encoder` describe one rank of a pipeline (`engine.parallel`):
+    the models it holds, the steps it runs, and whether it keeps the DiT's audio encoder (only
+    the rank that computes the audio tokens does).
     """
     b = torch.finfo(dtype).bits // 8
     tpf = tokens_per_frame(size)
     h, w = generation_size(384, 704, parse_area(size))
     lat_h, lat_w = h // vae.spatial_stride, w // vae.spatial_stride
-    items = {
-        "dit_weights": dit_weight_bytes(dit, b, fp8),
-        "vae_weights": vae_params(vae) * b,
-        "wav2vec2_weights": wav2vec_params * 4,
-    }
+    items: dict[str, int] = {}
+    if "dit" in parts:
+        items["dit_weights"] = dit_weight_bytes(dit, b, fp8) - (
+            0 if audio_encoder else audio_encoder_bytes(dit))
+    if "vae" in parts:
+        items["vae_weights"] = vae_params(vae) * b
+    if "wav2vec" in parts:
+        items["wav2vec2_weights"] = wav2vec_params * 4
     if t5 is not None:
         items["text_encoder"] = t5_params(t5) * b
-    per_session = {
-        "rings": steps * ring_bytes(dit, size, ring_frames, b),
-        "step_sinks": steps * sink_bytes(dit, size, b),
-        "session_sink": sink_bytes(dit, size, b) * 2 // 5,  # the reference: 1 of 2.5 frames
-        "text_kv": dit.num_layers * 2 * dit.text_len * dit.dim * b,
-        "decoder_cache": decoder_cache_bytes(vae, lat_h, lat_w, dtype),
-    }
+    per_session: dict[str, int] = {}
+    if "dit" in parts:
+        per_session.update({
+            "rings": steps * ring_bytes(dit, size, ring_frames, b),
+            "step_sinks": steps * sink_bytes(dit, size, b),
+            "session_sink": sink_bytes(dit, size, b) * 2 // 5,  # the reference: 1 of 2.5 frames
+            "text_kv": dit.num_layers * 2 * dit.text_len * dit.dim * b})
+    if "vae" in parts:
+        per_session["decoder_cache"] = decoder_cache_bytes(vae, lat_h, lat_w, dtype)
     for k, v in per_session.items():
         items[k] = sessions * v
     # activations: a step's widest tensors (float32 residual and its temporaries, the FFN's
     # hidden layer) and the decoder's full-resolution maps (float32 norm temporaries) at once,
     # since the decode runs beside the next block's steps
     tokens = block_frames * tpf
-    step = tokens * (dit.dim * 4 * 6 + dit.ffn_dim * b * 2)
-    decode = 10 * vae.dim * h * w * vae.temporal_stride * b
+    step = tokens * (dit.dim * 4 * 6 + dit.ffn_dim * b * 2) if "dit" in parts else 0
+    decode = 10 * vae.dim * h * w * vae.temporal_stride * b if "vae" in parts else 0
     items["activations"] = step + decode
     if avatar_cache_bytes:
         items["avatar_cache"] = avatar_cache_bytes
     return MemoryPlan(size, str(dtype).removeprefix("torch."), fp8, sessions, items)
+
+
+@functools.lru_cache(maxsize=64)  # meta-device models: cheap, not free
+def audio_encoder_bytes(cfg: DiTConfig) -> int:
+    """The DiT's causal audio encoder (kept in float32)."""
+    with torch.device("meta"):
+        model = WanS2VDiT(cfg)
+    return 4 * params_of(model.casual_audio_encoder)
 
 
 def avatar_entry_bytes(dit: DiTConfig, vae: VAEConfig, size: str,
@@ -249,17 +266,26 @@ class Fit:
 def fit_engine(dit: DiTConfig, vae: VAEConfig, t5: UMT5Dims, *, size: str, steps: int,
                dtype: torch.dtype, fp8: bool, sessions: int, text_device: str,
                avatar_cache_bytes: int, capacity: int, device: str,
-               wav2vec_params: int = W2V_LARGE_PARAMS) -> Fit:
+               wav2vec_params: int = W2V_LARGE_PARAMS,
+               parts: tuple[str, ...] = ("dit", "vae", "wav2vec", "text"),
+               audio_encoder: bool = True) -> Fit:
     """Check that the engine fits `capacity` bytes (raising the ConfigError of `check_fits`
     otherwise), put umT5 on the GPU when asked, or for text_device "auto" when it fits with
-    10% to spare, and give the avatar cache at most what is left."""
-    kw = dict(steps=steps, dtype=dtype, sessions=sessions, wav2vec_params=wav2vec_params)
+    10% to spare, and give the avatar cache at most what is left. `parts` and `audio_encoder`:
+    one rank of a pipeline (see `plan_memory`); umT5 is only ever where "text" is."""
+    models = tuple(p for p in parts if p != "text")
+    kw = dict(steps=steps, dtype=dtype, sessions=sessions, wav2vec_params=wav2vec_params,
+              parts=models, audio_encoder=audio_encoder)
     usable = capacity - RESERVE_BYTES
+    if "text" not in parts:
+        text_device = "cpu"  # (never used here)
     text_forced = text_device not in ("auto", "cpu")
     base = plan_memory(dit, vae, size, fp8=fp8, t5=t5 if text_forced else None, **kw)  # type: ignore[arg-type]
-    check_fits(base, capacity, device, alternatives_for(dit, vae, size, fp8, **kw))
+    check_fits(base, capacity, device, alternatives_for(dit, vae, size, fp8, **kw)
+               if "dit" in parts else {})
     with_text = plan_memory(dit, vae, size, fp8=fp8, t5=t5, **kw)  # type: ignore[arg-type]
-    text_on_device = text_forced or (text_device == "auto" and with_text.total <= 0.9 * usable)
+    text_on_device = "text" in parts and (
+        text_forced or (text_device == "auto" and with_text.total <= 0.9 * usable))
     plan = with_text if text_on_device else base
     cache = max(0, min(avatar_cache_bytes, int(0.95 * usable) - plan.total))
     if cache:

@@ -195,10 +195,17 @@ class PreviewSession:
 
     def __init__(self, params: SessionParams, default_avatar: np.ndarray | None,
                  detector: FaceDetector | None = None):
-        image = params.image if params.image is not None else default_avatar
+        self.image = params.image if params.image is not None else default_avatar
+        self.detector = detector
+        self._draw_at(params.size)
+        self.audio = AudioBuffer()
+        self.block = 0
+
+    def _draw_at(self, size: str) -> None:
+        image = self.image
         # the same size rule as the real engine; the drawn face is 16:9 and fills the budget
         h_img, w_img = image.shape[:2] if image is not None else (9 * 1024, 16 * 1024)
-        self.height, self.width = generation_size(h_img, w_img, parse_area(params.size))
+        self.height, self.width = generation_size(h_img, w_img, parse_area(size))
         self.animator: FaceRig | DrawnFace | None = None
         marks: tuple[str, ...] = ("PREVIEW",)
         if image is None:
@@ -210,7 +217,7 @@ class PreviewSession:
                          "box": list(drawn.head)}}
         else:
             still = resize_cover(np.ascontiguousarray(image[:, :, :3]), self.width, self.height)
-            face = (detector or FaceDetector()).find(still)
+            face = (self.detector or FaceDetector()).find(still)
             self.base = still.copy()
             if face is None:
                 marks = ("PREVIEW", NO_FACE_MARK)
@@ -224,8 +231,6 @@ class PreviewSession:
                 self.info = {"source": "image", "face": face.info(),
                              "animation": ["jaw", "blinks", "head sway"]}
         self.label = draw_label(self.base, *marks)  # (w, h) of the mark, kept on top
-        self.audio = AudioBuffer()
-        self.block = 0
 
     @property
     def size(self) -> tuple[int, int]:
@@ -239,6 +244,11 @@ class PreviewSession:
 
     def seek(self, block: int) -> None:
         self.block = block
+
+    def set_tier(self, size: str | None = None, steps: int | None = None) -> None:
+        """A new size is drawn from the next block on; steps mean nothing here."""
+        if size is not None:
+            self._draw_at(size)
 
     def next_block(self, pad_silence: bool = False) -> FrameBlock:
         first = self.block * FRAMES_PER_BLOCK

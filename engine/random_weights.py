@@ -119,31 +119,62 @@ def random_tokenizer(text_len: int) -> Any:
                                    **TOKENIZER_SPECIAL)
 
 
+PARTS = ("dit", "vae", "text", "wav2vec")
+
+
 def build_random_models(shapes: ModelShapes, device: torch.device, dtype: torch.dtype,
                         text_device: torch.device | None = None, seed: int = 0,
                         progress: ProgressFn | None = None) -> EngineModels:
     """Every component at `shapes`, random, on `device` in `dtype` (wav2vec2 and the DiT's
     audio encoder in float32, as the checkpoint loader keeps them). umT5 is filled on `device`
     and then moved to `text_device` (default: `device`)."""
-    log.warning("RANDOM WEIGHTS: building the %s engine with random weights on %s (%s); the "
-                "video will be noise", shapes.name, device, str(dtype).removeprefix("torch."))
-    with torch.device("meta"):
-        dit = WanS2VDiT(shapes.dit)
-        vae = vae_model.WanVAE(shapes.vae)
-        t5 = text_model.build_encoder(shapes.t5)
-        w2v = audio_model.build_model(_w2v_config(shapes.wav2vec))
-    fill_random(dit, device, dtype, seed, dit.keep_fp32_prefixes, progress, "dit")
-    fill_random(vae, device, dtype, seed + 1, progress=progress, label="vae")
-    fill_random(t5, device, dtype, seed + 2, progress=progress, label="t5")
-    t5.encoder.embed_tokens = t5.shared  # tied, as in the checkpoint
-    fill_random(w2v, device, torch.float32, seed + 3, progress=progress, label="wav2vec2")
-    for model, label in ((dit, "dit"), (vae, "vae"), (t5, "t5"), (w2v, "wav2vec2")):
-        finish_module(model, label)
-    if text_device is not None and text_device != device:
-        nn.Module.to(t5, text_device)  # (transformers types .to for its own classes)
-    text = text_model.TextEncoder(t5, random_tokenizer(shapes.dit.text_len), shapes.dit.text_len)
-    return EngineModels(dit, vae, text, audio_model.Wav2Vec2Features(w2v), device, dtype,
-                        random_weights=True)
+    parts = build_random_parts(shapes, PARTS, device, dtype, text_device, seed, progress)
+    return EngineModels(parts["dit"], parts["vae"], parts["text"], parts["wav2vec"], device,
+                        dtype, random_weights=True)
+
+
+def build_random_parts(shapes: ModelShapes, parts: tuple[str, ...], device: torch.device,
+                       dtype: torch.dtype, text_device: torch.device | None = None,
+                       seed: int = 0, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Some of the components ("dit", "vae", "text", "wav2vec"), each filled from its own seed,
+    so that a part is the same whatever else is built beside it (the ranks of a pipeline build
+    only their own)."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown model parts {sorted(unknown)}; accepted {PARTS}")
+    log.warning("RANDOM WEIGHTS: building the %s engine's %s with random weights on %s (%s); "
+                "the video will be noise", shapes.name, ", ".join(parts), device,
+                str(dtype).removeprefix("torch."))
+    out: dict[str, Any] = {p: None for p in PARTS}
+    if "dit" in parts:
+        with torch.device("meta"):
+            dit = WanS2VDiT(shapes.dit)
+        fill_random(dit, device, dtype, seed, dit.keep_fp32_prefixes, progress, "dit")
+        finish_module(dit, "dit")
+        out["dit"] = dit
+    if "vae" in parts:
+        with torch.device("meta"):
+            vae = vae_model.WanVAE(shapes.vae)
+        fill_random(vae, device, dtype, seed + 1, progress=progress, label="vae")
+        finish_module(vae, "vae")
+        out["vae"] = vae
+    if "text" in parts:
+        with torch.device("meta"):
+            t5 = text_model.build_encoder(shapes.t5)
+        fill_random(t5, device, dtype, seed + 2, progress=progress, label="t5")
+        t5.encoder.embed_tokens = t5.shared  # tied, as in the checkpoint
+        finish_module(t5, "t5")
+        if text_device is not None and text_device != device:
+            nn.Module.to(t5, text_device)  # (transformers types .to for its own classes)
+        out["text"] = text_model.TextEncoder(t5, random_tokenizer(shapes.dit.text_len),
+                                             shapes.dit.text_len)
+    if "wav2vec" in parts:
+        with torch.device("meta"):
+            w2v = audio_model.build_model(_w2v_config(shapes.wav2vec))
+        fill_random(w2v, device, torch.float32, seed + 3, progress=progress, label="wav2vec2")
+        finish_module(w2v, "wav2vec2")
+        out["wav2vec"] = audio_model.Wav2Vec2Features(w2v)
+    return out
 
 
 def _w2v_config(raw: dict[str, Any]) -> Any:

@@ -19,6 +19,12 @@ block b's own frames and hands them to the event loop the moment they exist, so 
 decode with the next block's steps costs no latency. At most `max_in_flight` blocks of a session
 are submitted and not yet delivered.
 
+A generation-tier change (`set_tier`, for sessions that support it: `engine.api.TieredSession`)
+is a command like any other, so it lands between two blocks: the next block submitted after it
+is the first at the new tier. While the engine reports itself not ready (`engine.api.
+engine_health`: a multi-GPU group restarting after a failed rank), admission refuses new
+sessions with a retryable CapacityExhausted.
+
 Torch-free: the engine decides what it imports. Results reach the event loop only through
 `loop.call_soon_threadsafe`; commands reach the thread only through a queue (audio is never
 dropped: the loop drains the queue every iteration).
@@ -49,6 +55,8 @@ from engine.api import (
     PendingBlock,
     PipelinedSession,
     SessionParams,
+    TieredSession,
+    engine_health,
     session_info,
 )
 from engine.errors import CapacityExhausted
@@ -62,6 +70,8 @@ class RuntimeStats:
     silent_blocks: int = 0
     skipped_blocks: int = 0
     failed_sessions: int = 0
+    # seconds from each block's start to its frames (what the playout delay must cover; for a
+    # pipelined session more than the engine time it costs, which admission counts instead)
     block_seconds_total: float = 0.0
 
 
@@ -144,6 +154,10 @@ class EngineRuntime:
 
     def admit(self) -> None:
         """Reserve room for one more session or raise CapacityExhausted."""
+        health = engine_health(self.engine)
+        if not health.ready:
+            raise CapacityExhausted(f"the engine is not ready ({health.status}): {health.detail}",
+                                    retry_after=10.0)
         with self._lock:
             count = len(self._slots) + self._reserved
             load = sum(s.load() for s in self._slots.values())
@@ -185,6 +199,13 @@ class EngineRuntime:
         if later, the first sample of the first block not yet started; `on_cut(cut)` then runs
         on the event loop. Ordered with `push_audio`: audio pushed before applies first."""
         self._commands.put(("cut", (sid, start, end, on_cut)))
+
+    def set_tier(self, sid: str, size: str | None = None, steps: int | None = None,
+                 on_done: Callable[[BaseException | None], None] | None = None) -> None:
+        """Generate session `sid`'s next blocks at this size budget and step count (None:
+        unchanged), from the next block submitted; `on_done(error or None)` then runs on the
+        event loop. A refused tier (an InputError) leaves the session as it was."""
+        self._commands.put(("tier", (sid, size, steps, on_done)))
 
     def close_session(self, sid: str) -> None:
         self._commands.put(("close", sid))
@@ -279,6 +300,22 @@ class EngineRuntime:
                     except Exception as exc:
                         self._fail(slot, exc)
             self.loop.call_soon_threadsafe(on_cut, cut)
+        elif kind == "tier":
+            sid, size, steps, on_done = arg
+            slot = self._slots.get(sid)
+            error: BaseException | None = None
+            if slot is None:
+                error = KeyError(f"no engine session {sid!r}")
+            elif not isinstance(slot.session, TieredSession):
+                error = NotImplementedError(f"the {self.engine.name} engine cannot change a "
+                                            "session's tier")
+            else:
+                try:
+                    slot.session.set_tier(size, steps)
+                except Exception as exc:  # a bad tier is the caller's error, not the session's
+                    error = exc
+            if on_done is not None:
+                self.loop.call_soon_threadsafe(on_done, error)
         elif kind == "opened":
             sid, session, on_block, on_error, future = arg
             t0 = time.monotonic()
@@ -302,7 +339,7 @@ class EngineRuntime:
             if slot is not None:
                 slot.in_flight -= 1
                 slot.compute.append(block.timings.busy)
-                self._count(block, block.timings.busy)
+                self._count(block, block.timings.total or block.timings.busy)
         elif kind == "failed":
             sid, error = arg
             slot = self._slots.get(sid)

@@ -33,10 +33,11 @@ log = logging.getLogger(__name__)
 
 
 class WanSession:
-    """An `engine.api.PipelinedSession` over a `StreamGenerator`."""
+    """An `engine.api.PipelinedSession` (and `TieredSession`) over a `StreamGenerator`."""
 
-    def __init__(self, generator: StreamGenerator):
+    def __init__(self, generator: StreamGenerator, max_size: str):
         self.generator = generator
+        self.max_size = max_size
 
     @property
     def size(self) -> tuple[int, int]:
@@ -57,8 +58,13 @@ class WanSession:
     def seek(self, block: int) -> None:
         self.generator.seek(block)
 
+    def set_tier(self, size: str | None = None, steps: int | None = None) -> None:
+        if size is not None:
+            check_size(size, self.max_size)
+        self.generator.set_tier(size, steps)
+
     def close(self) -> None:
-        self.generator.stages.clear()  # drop the rings now, not at garbage collection
+        self.generator.close()  # drop the rings now, not at garbage collection
 
 
 class WanEngine:
@@ -126,19 +132,24 @@ class WanEngine:
         return took
 
     def open_session(self, params: SessionParams) -> WanSession:
-        if parse_area(params.size) > parse_area(self.config.max_size):
-            raise InputError(f"size {params.size!r} is larger than this engine's max_size "
-                             f"{self.config.max_size!r} (its GPU memory is planned for that); "
-                             "ask for a smaller size or raise [engine] max_size")
+        check_size(params.size, self.config.max_size)
         if params.image is None:  # no upload and no configured avatar: the drawn face
             params = dataclasses.replace(params, image=draw_default_face(704, 384))
         s = self.config.sampling
         gen = StreamGenerator(self.models, params, self.stream_config, steps=s.steps,
                               shift=s.shift, speed=self.speed)
-        return WanSession(gen)
+        return WanSession(gen, self.config.max_size)
 
     def close(self) -> None:
         self.speed.close()
+
+
+def check_size(size: str, max_size: str) -> None:
+    """Refuse a generation size larger than the one the engine's memory is planned for."""
+    if parse_area(size) > parse_area(max_size):
+        raise InputError(f"size {size!r} is larger than this engine's max_size {max_size!r} "
+                         "(its GPU memory is planned for that); ask for a smaller size or raise "
+                         "[engine] max_size")
 
 
 def architecture(config: EngineConfig, device: torch.device

@@ -1,7 +1,8 @@
 """`avatar render`: a reference image and an audio file in, an H.264 + AAC MP4 out.
 
 The file is fed to the same streaming engine session the server uses, in 0.1 s chunks, exactly as
-live audio would arrive; blocks are encoded as they come. Video frame n has PTS n/25 s and the
+live audio would arrive; blocks are encoded as they come (with a pipelined engine, several in
+flight, as the server's runtime keeps them). Video frame n has PTS n/25 s and the
 audio track starts at 0, so they are in sync by construction; the video is trimmed to the audio's
 duration (to the nearest frame).
 """
@@ -12,6 +13,7 @@ import argparse
 import logging
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -23,14 +25,19 @@ import numpy as np
 from engine.api import (
     DEFAULT_PROMPT,
     FPS,
+    FRAMES_PER_BLOCK,
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     AudioChunk,
     Engine,
+    FrameBlock,
+    PendingBlock,
+    PipelinedSession,
     SessionParams,
     session_info,
 )
 from stream.media.decode import MediaError, read_audio, read_image
+from stream.server import add_layout_argument
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +115,28 @@ def render(engine: Engine, image: np.ndarray, audio: np.ndarray, out: Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     mux = _Muxer(out, width, height)
     blocks_total = -(-total // 12)
-    done = 0
+    done = queued = 0  # frames written; frames of the blocks submitted
     tty = report is not None and hasattr(report, "isatty") and report.isatty()
     last_tenth = -1
+    # a pipelined engine gets as many blocks in flight as its runtime would give it (a pipeline
+    # of ranks: one per stage), so the render goes at the pipeline's pace
+    depth = getattr(engine, "max_in_flight", 2) if isinstance(session, PipelinedSession) else 1
+    pending: deque[PendingBlock | FrameBlock] = deque()
 
     def emit(pad: bool) -> None:
+        nonlocal queued
+        if isinstance(session, PipelinedSession):
+            block: PendingBlock | FrameBlock = session.submit_block(pad_silence=pad)
+        else:
+            block = session.next_block(pad_silence=pad)
+        pending.append(block)
+        queued += FRAMES_PER_BLOCK
+        while len(pending) >= depth:
+            write(pending.popleft())
+
+    def write(item: PendingBlock | FrameBlock) -> None:
         nonlocal done, last_tenth
-        block = session.next_block(pad_silence=pad)
+        block = item if isinstance(item, FrameBlock) else item.result()
         for rgb in block.frames[: max(0, total - block.first_frame)]:
             mux.add_frame(rgb)
         done = min(total, block.first_frame + len(block.frames))
@@ -130,10 +152,12 @@ def render(engine: Engine, image: np.ndarray, audio: np.ndarray, out: Path,
     try:
         for start in range(0, len(audio), CHUNK_SAMPLES):
             session.push_audio(AudioChunk(audio[start:start + CHUNK_SAMPLES], start))
-            while done < total and session.ready():
+            while queued < total and session.ready():
                 emit(pad=False)
-        while done < total:  # the tail: the last block's look-ahead lies past the file's end
+        while queued < total:  # the tail: the last block's look-ahead lies past the file's end
             emit(pad=True)
+        while pending:
+            write(pending.popleft())
         mux.add_audio(aac_audio if aac_audio is not None else _resample(audio, AAC_RATE))
     finally:
         mux.close()
@@ -179,6 +203,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="no checkpoint: the real engine at real shapes with random weights "
                         "(the video is noise; for measuring)")
+    add_layout_argument(p)
     p.set_defaults(func=run_command)
 
 
@@ -187,22 +212,24 @@ def run_command(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.errors import EngineError
     from stream.config import load_toml
-    from stream.server import with_random_weights
+    from stream.server import with_layout, with_random_weights
 
     raw = load_toml(args.config).get("engine", {}) if args.config else {}
     try:
-        config = EngineConfig.parse(raw)
-        if args.ckpt:
-            config = EngineConfig.parse({**raw, "checkpoint": args.ckpt})
+        config = EngineConfig.parse({**raw, "checkpoint": args.ckpt} if args.ckpt else raw)
         if args.random_weights:
             config = with_random_weights(config)
+        config = with_layout(config, args.layout)
         image = read_image(args.image)
         audio = read_audio(args.audio)
         aac = read_audio(args.audio, rate=AAC_RATE)
         engine = create_engine(config, progress=ProgressPrinter())
-        result = render(engine, image, audio, Path(args.out),
-                        SessionParams(prompt=args.prompt, size=args.size, seed=args.seed,
-                                      steps=args.steps), aac_audio=aac)
+        try:
+            result = render(engine, image, audio, Path(args.out),
+                            SessionParams(prompt=args.prompt, size=args.size, seed=args.seed,
+                                          steps=args.steps), aac_audio=aac)
+        finally:
+            engine.close()  # (a pipeline's ranks end with it)
     except (MediaError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

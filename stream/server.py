@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from engine.api import ConfigError, EngineConfig
+from engine.parallel.layout import Layout
 from stream.app import AccessLogger, build_app
 from stream.config import ServerConfig, StreamConfig
 
@@ -27,7 +28,24 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="the real engine at real shapes with random weights and no checkpoint "
                         "(to run and measure the server on a GPU without the weights)")
+    add_layout_argument(p)
     p.set_defaults(func=run_command)
+
+
+def add_layout_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", default=None,
+                   help="override [engine] layout: \"1\" (one process), \"k\" (k GPUs, one "
+                        "share of the denoising steps each, the last also decoding) or "
+                        "\"k+vae\" (and one more GPU that only decodes), e.g. 4+vae")
+
+
+def with_layout(engine: EngineConfig, layout: str | None) -> EngineConfig:
+    """`--layout`: the same [engine] settings on another pipeline layout (validated)."""
+    if layout is None:
+        return engine
+    out = dataclasses.replace(engine, layout=layout)
+    out.validate()
+    return out
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -37,8 +55,13 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.random_weights:
-        cfg = dataclasses.replace(cfg, engine=with_random_weights(cfg.engine))
+    try:
+        if args.random_weights:
+            cfg = dataclasses.replace(cfg, engine=with_random_weights(cfg.engine))
+        cfg = dataclasses.replace(cfg, engine=with_layout(cfg.engine, args.layout))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
     if cfg.engine.random_weights:
@@ -52,6 +75,9 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    layout = Layout.parse(cfg.engine.layout)
+    if not layout.single:
+        engine += f", on a pipeline of {layout.world} ranks (layout {layout})"
     scheme = "https" if tls else "http"
     print(f"avatar server on {scheme}://{host}:{port}/call with {engine}; config: "
           f"{path or 'built-in defaults'}", flush=True)

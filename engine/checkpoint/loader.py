@@ -14,6 +14,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -242,14 +243,38 @@ def load_models(checkpoint: str | Path, device: torch.device, dtype: torch.dtype
                 progress: ProgressFn | None = None) -> EngineModels:
     """Load and check every component. wav2vec2 stays float32 (small, precision-sensitive);
     umT5 goes to `text_device` (default: `device`)."""
+    parts = load_parts(checkpoint, ("dit", "vae", "text", "wav2vec"), device, dtype, lora=lora,
+                       lora_alpha=lora_alpha, text_device=text_device, progress=progress)
+    return EngineModels(parts["dit"], parts["vae"], parts["text"], parts["wav2vec"],
+                        torch.device(device), dtype)
+
+
+def load_parts(checkpoint: str | Path, parts: tuple[str, ...], device: torch.device,
+               dtype: torch.dtype, lora: str | Path | None = None, lora_alpha: float = 64.0,
+               text_device: torch.device | None = None, progress: ProgressFn | None = None
+               ) -> dict[str, Any]:
+    """Some of the components ("dit", "vae", "text", "wav2vec"); the others are None. A rank
+    of a pipeline loads only what it runs."""
     layout = CheckpointLayout.at(checkpoint)
     started = time.monotonic()
-    dit = load_dit(layout, device, dtype, lora=lora or None, lora_alpha=lora_alpha,
-                   progress=progress)
-    vae = load_vae(layout, device, dtype, progress=progress)
-    text = load_text_encoder(layout, text_device or device, dtype, text_len=dit.cfg.text_len,
-                             progress=progress)
-    wav2vec = load_wav2vec(layout, device, torch.float32, progress=progress)
-    log.info("loaded %s on %s (%s) in %.1f s", layout.root, device, dtype,
-             time.monotonic() - started)
-    return EngineModels(dit, vae, text, wav2vec, torch.device(device), dtype)
+    out: dict[str, Any] = {"dit": None, "vae": None, "text": None, "wav2vec": None}
+    if "dit" in parts:
+        out["dit"] = load_dit(layout, device, dtype, lora=lora or None, lora_alpha=lora_alpha,
+                              progress=progress)
+    if "vae" in parts:
+        out["vae"] = load_vae(layout, device, dtype, progress=progress)
+    if "text" in parts:
+        if out["dit"] is not None:
+            text_len = out["dit"].cfg.text_len
+        else:  # (from the headers: the DiT's text length is in its config)
+            dit = inspect.inspect_dit(layout)
+            if dit.config is None:
+                raise _refuse(dit.report)
+            text_len = dit.config.text_len
+        out["text"] = load_text_encoder(layout, text_device or device, dtype, text_len=text_len,
+                                        progress=progress)
+    if "wav2vec" in parts:
+        out["wav2vec"] = load_wav2vec(layout, device, torch.float32, progress=progress)
+    log.info("loaded %s from %s on %s (%s) in %.1f s", ", ".join(parts), layout.root, device,
+             dtype, time.monotonic() - started)
+    return out

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.api import engine_health
 from stream.http.state import server_of
 from stream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -36,6 +37,11 @@ async def readyz(request: web.Request) -> web.Response:
                                  status=503)
     engine = srv.manager.engine
     runtime = srv.manager.runtime
+    health = engine_health(engine)
+    if not health.ready:  # e.g. a GPU group replacing a failed rank
+        return web.json_response({"ready": False, "status": health.status,
+                                  "error": health.detail, "engine": engine.name,
+                                  "sessions": runtime.active}, status=503)
     capacity = max(0, runtime.max_sessions - runtime.active)
     stalled = runtime.stalled_for()
     alive = runtime.alive and stalled <= srv.cfg.sessions.engine_watchdog_s

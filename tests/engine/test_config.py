@@ -31,6 +31,15 @@ def test_shipped_config_parses_to_defaults() -> None:
     ({"text_device": "tpu"}, "engine.text_device='tpu': accepted auto, cpu, cuda, cuda:N"),
     ({"random_shapes": "7B"}, "engine.random_shapes='7B': accepted"),
     ({"max_size": "704"}, "engine.max_size='704'"),
+    ({"layout": "4+gpu"}, "engine.layout='4+gpu': accepted \"k\""),
+    ({"layout": "0"}, "engine.layout='0'"),
+    ({"layout": "4", "sampling": {"steps": 3}},
+     "engine.layout='4' gives each of its 4 DiT ranks at least one step, but "
+     "engine.sampling.steps=3"),
+    ({"group_launch": "ssh"}, "engine.group_launch='ssh': accepted ('spawn', 'torchrun')"),
+    ({"group_listen": "29600"}, "engine.group_listen='29600': expected HOST:PORT"),
+    ({"group_launch": "torchrun"}, "needs a fixed port in engine.group_listen"),
+    ({"rank_timeout_s": 0.1}, "engine.rank_timeout_s=0.1 is out of range"),
 ])
 def test_bad_values_are_named(raw: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -47,3 +56,27 @@ def test_plain_turns_every_speed_path_off() -> None:
     assert set(EngineConfig.speed_keys()) == {"fp8", "compile", "vae_overlap",
                                               "vae_channels_last", "avatar_cache_mb",
                                               "attention_backend"}
+
+
+def test_layouts() -> None:
+    from engine.parallel.layout import Layout
+
+    four = Layout.parse("4+vae")
+    assert (four.world, four.dit_ranks, four.decoder_rank, four.stages) == (5, 4, 4, 5)
+    assert [four.steps_of(r, 4) for r in range(5)] == [range(0, 1), range(1, 2), range(2, 3),
+                                                       range(3, 4), range(0)]
+    # uneven: the extra steps go to the last DiT ranks (rank 0 also computes the features)
+    assert [list(four.steps_of(r, 6)) for r in range(4)] == [[0], [1], [2, 3], [4, 5]]
+    assert four.max_share(6) == 2
+    assert [list(Layout.parse("2").steps_of(r, 3)) for r in range(2)] == [[0], [1, 2]]
+    assert Layout.parse("1").single and not Layout.parse("1+vae").single
+    roles = [four.role(r) for r in range(5)]
+    # the VAE rank computes the features; rank 0 the audio tokens from them
+    assert roles[0].parts == ("dit",) and roles[0].tokens and roles[3].parts == ("dit",)
+    assert roles[4].parts == ("vae", "text", "wav2vec") and roles[3].last_dit
+    assert Layout.parse("4").role(0).parts == ("dit", "wav2vec")
+    two = Layout.parse(" 2 ")
+    assert two.role(1).parts == ("dit", "vae", "text") and str(two) == "2"
+    assert roles[3].describe(four, 4) == "rank 3: DiT step 3"
+    with pytest.raises(ValueError, match="needs 4 or more steps"):
+        four.steps_of(0, 3)

@@ -166,3 +166,44 @@ async def test_cut_audio_silences_from_the_first_block_not_yet_started() -> None
     speaking = [b for b in range(5) if min(dark(f) for f in made[b]) > 0.2]
     idle = [b for b in range(5) if max(dark(f) for f in made[b]) < 0.2]  # a closed line
     assert speaking == list(range(cut // 7680)) and idle == list(range(cut // 7680, 5))
+
+
+async def test_a_tier_change_lands_at_the_next_block() -> None:
+    runtime = EngineRuntime(PreviewEngine(), asyncio.get_running_loop(), max_sessions=2)
+    blocks, errors, _ = await open_one(runtime)
+    runtime.push_audio("s", AudioChunk(np.zeros(7680 * 2, np.float32), 0))
+    assert await wait_until(lambda: len(blocks) >= 2)
+    done: list = []
+    runtime.set_tier("s", size="64*64", on_done=done.append)
+    runtime.set_tier("s", size="tiny", on_done=done.append)  # refused; the session goes on
+    runtime.set_tier("nobody", steps=3, on_done=done.append)
+    runtime.push_audio("s", AudioChunk(np.zeros(7680 * 2, np.float32), 7680 * 2))
+    assert await wait_until(lambda: len(blocks) >= 4 and len(done) == 3)
+    await runtime.aclose()
+    assert done[0] is None and "WIDTH*HEIGHT" in str(done[1]) and isinstance(done[2], KeyError)
+    assert [b.size for _, b in blocks[:4]] == [(128, 64)] * 2 + [(64, 64)] * 2
+    assert not errors
+
+
+class Unready(PreviewEngine):
+    def health(self):  # noqa: ANN201
+        from engine.api import EngineHealth
+
+        return EngineHealth(False, "restarting", "rank 2 died")
+
+
+async def test_admission_waits_while_the_engine_is_not_ready() -> None:
+    runtime = EngineRuntime(Unready(), asyncio.get_running_loop(), max_sessions=2)
+    with pytest.raises(CapacityExhausted, match="restarting.*rank 2 died") as err:
+        runtime.admit()
+    assert err.value.retryable
+    await runtime.aclose()
+
+
+async def wait_until(predicate, seconds: float = 5.0) -> bool:  # noqa: ANN001
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        await asyncio.sleep(0.02)
+    return predicate()

@@ -104,3 +104,23 @@ def test_render_with_the_preview_says_when_a_picture_has_no_face(
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "avatar: no face was found in the avatar picture" in err
+
+
+def test_render_on_a_pipeline_gives_the_frames_of_one_process(
+        tiny_ckpt_master: Path, examples: dict, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--layout 4+vae` (5 rank processes, gloo) and `--layout 1` decode to the same frames."""
+    example = examples["portrait"]
+
+    def frames(layout: str) -> np.ndarray:
+        out = tmp_path / f"layout-{layout}.mp4"
+        rc = main(["render", "--ckpt", str(tiny_ckpt_master), "--image", str(example.image),
+                   "--audio", str(example.audio), "--out", str(out), "--size", "64*64",
+                   "--seed", "3", "--layout", layout])
+        assert rc == 0, capsys.readouterr().err
+        with av.open(str(out)) as c:
+            return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+    one, pipeline = frames("1"), frames("4+vae")
+    assert one.shape == pipeline.shape and one.shape[0] > 24
+    assert np.array_equal(one, pipeline)

@@ -58,3 +58,13 @@ def test_avatar_serve_with_the_shipped_config() -> None:
             out, _ = proc.communicate()
     assert proc.returncode == 0, out
     assert "PREVIEW engine" in out  # announced in the log
+
+
+def test_a_bad_layout_is_refused_before_anything_starts(capsys) -> None:  # noqa: ANN001
+    from stream.cli import main
+
+    assert main(["serve", "--layout", "4+gpu"]) == 2
+    assert "engine.layout='4+gpu': accepted" in capsys.readouterr().err
+    assert main(["render", "--image", "x.jpg", "--audio", "y.wav", "--out", "z.mp4",
+                 "--random-weights", "--layout", "0"]) == 2
+    assert "engine.layout='0'" in capsys.readouterr().err

@@ -5,6 +5,10 @@
 #   bash tests/engine/gpu/session.sh fast    # bench, 3 sizes, plain vs all paths  (~8 min)
 #   bash tests/engine/gpu/session.sh bf16    # bench, bf16 + compile vs bare kernels (~6 min)
 #   bash tests/engine/gpu/session.sh all     # the three, one after another
+#   bash tests/engine/gpu/session.sh ranks   # issue 9: one pipeline rank's share per run, on
+#                                            # one GPU: peak memory per rank (~8 min)
+#   bash tests/engine/gpu/session.sh pipeline  # issue 9 on a multi-GPU machine (x4 for "4",
+#                                            # x8 for "4+vae"): a whole pipeline vs one GPU
 #
 # Everything lands in $OUT (default ./gpu-out): bench-*.jsonl (one JSON object per size),
 # gpu-report.json (measured errors and tolerances), pytest and bench logs, nvidia-smi, versions.
@@ -48,12 +52,32 @@ part_bf16() {  # bf16 alone (no FP8): the step against the bare GEMMs + attentio
   bench bf16 --size "704*384,576*320" --baseline --no-fp8 --compile
 }
 
+part_ranks() {  # what each rank of layout 4 / 4+vae holds and runs, FP8, one GPU at a time
+  local share
+  for share in 4:0 4:1 4:3 4+vae:0 4+vae:4; do
+    timeout 150 "$PY" -m engine bench --steps 4 --blocks 8 --json --fp8 \
+      --size "448*256,704*384" --rank-share "$share" \
+      >> "$OUT/bench-ranks.jsonl" 2>> "$OUT/bench-ranks.log"
+    echo "rank share $share: exit $?"
+  done
+}
+
+part_pipeline() {  # needs as many GPUs as the layout has ranks (nvidia-h200-x4 / -x8)
+  local layout="${LAYOUT:-4}"
+  timeout "$LIMIT" "$PY" -m engine bench --steps 4 --blocks 16 --json --fp8 --compile \
+    --size "704*384" --layout "$layout" --baseline \
+    > "$OUT/bench-pipeline-$layout.jsonl" 2> "$OUT/bench-pipeline-$layout.log"
+  echo "pipeline $layout: exit $?"
+}
+
 info
 case "${1:-all}" in
   tests) part_tests ;;
   fast) part_fast ;;
   bf16) part_bf16 ;;
+  ranks) part_ranks ;;
+  pipeline) part_pipeline ;;
   all) part_tests; part_fast; part_bf16 ;;
-  *) echo "usage: $0 tests|fast|bf16|all" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|fast|bf16|ranks|pipeline|all" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
