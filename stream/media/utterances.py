@@ -33,6 +33,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -163,11 +164,11 @@ class SpeechSource:
     def interrupt(self) -> None:
         """Drop the queue now and cut what was released; `input_audio.cleared` follows as soon
         as the engine says where the cut fell (within one block's compute time)."""
-        dropped_s = 0.0
+        dropped = Fraction(0)  # exact: the report's milliseconds must add up (see _on_cut)
         for chunk in self.queue.clear():
             chunk.owner.queued_s = 0.0
-            dropped_s += chunk.seconds
-        self.dropped_s += dropped_s
+            dropped += Fraction(chunk.frames, chunk.rate)
+        self.dropped_s += float(dropped)
         pending = [u for u in self._utterances if not u.ended]
         if not pending:
             self._emit("input_audio.cleared", _ms(self.playout.play_position()),
@@ -183,10 +184,10 @@ class SpeechSource:
         self._cuts_in_flight += 1
         self.cut_engine(start16, max(start16, self.audio_in.engine_end),
                         lambda cut16: self._on_cut(cut16 * PLAYOUT_PER_ENGINE, pending,
-                                                   was_open, dropped_s))
+                                                   was_open, dropped))
 
     def _on_cut(self, cut: int, pending: list[Utterance], was_open: set[str],
-                dropped_s: float) -> None:
+                dropped: Fraction) -> None:
         self._cuts_in_flight -= 1
         if self._task is None:
             return  # closed meanwhile
@@ -209,7 +210,9 @@ class SpeechSource:
         self._emit("input_audio.cleared", _ms(cut), {
             "utterance_id": report.id if report else None,
             "played_ms": _ms(report.played_samples()) if report else 0,
-            "dropped_ms": round((dropped_s + silenced / PLAYOUT_RATE) * 1000)})
+            # played_ms rounds down, dropped_ms up (queued and cut off together, exactly): for
+            # audio of whole milliseconds the two add up to what was received (soak.py checks)
+            "dropped_ms": math.ceil((dropped + Fraction(silenced, PLAYOUT_RATE)) * 1000)})
         self._wake.set()
 
     # 2. the loop: release, progress, level ----------------------------------------------------

@@ -1,0 +1,77 @@
+"""Where one block's VAE decode goes on a GPU (issue 8: the decode is 192 ms at 704x384 against
+a 90 ms goal). Random weights at the published VAE's shapes; for each variant (channels-first,
+channels-last, each with and without cuDNN's benchmark mode) it times decoding one block (3
+latent frames after a 7-frame warm-up, as a session does) and prints the top CUDA kernels of
+one profiled block. Writes the tables under $OUT (or ./gpu-out). The first run (H200,
+2026-12-01) gave 192 ms channels-first, 258 ms channels-last, and no change from cuDNN's
+benchmark mode (docs/bench.md).
+
+    python3 -m tests.engine.gpu.profile_decode [--size 704*384] [--blocks 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from engine.api import parse_area
+from engine.decode import decode_block, use_channels_last
+from engine.models.vae import CausalCache
+from engine.random_weights import build_random_parts, model_shapes
+from engine.sizing import generation_size
+
+
+def _time_blocks(vae, z, blocks: int, channels_last: bool) -> float:
+    cache = CausalCache()
+    decode_block(vae, z[:, :, :7], cache, channels_last)  # the session's warm-up
+    times = []
+    for b in range(blocks):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        decode_block(vae, z[:, :, 7 + 3 * b:10 + 3 * b], cache, channels_last)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="704*384")
+    ap.add_argument("--blocks", type=int, default=6)
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT", "gpu-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    shapes = model_shapes("14B", device)
+    vae = build_random_parts(shapes, ("vae",), device, dtype)["vae"]
+    h, w = generation_size(384, 704, parse_area(args.size))
+    z = torch.randn(1, 16, 7 + 3 * (args.blocks + 1), h // 8, w // 8, device=device,
+                    dtype=dtype)
+    with torch.inference_mode():
+        for cl in (False, True):
+            if cl:
+                use_channels_last(vae)
+            for bench in (False, True):
+                torch.backends.cudnn.benchmark = bench
+                ms = 1000 * _time_blocks(vae, z, args.blocks, cl)
+                name = f"{'channels-last' if cl else 'channels-first'}, benchmark {bench}"
+                print(f"{args.size} {name}: {ms:.1f} ms per block", flush=True)
+                cache = CausalCache()
+                decode_block(vae, z[:, :, :7], cache, cl)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    decode_block(vae, z[:, :, 7:10], cache, cl)
+                    torch.cuda.synchronize()
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
+                                                  max_name_column_width=70)
+                (out / f"decode-{'cl' if cl else 'cf'}-{int(bench)}.txt").write_text(table)
+                print(table.splitlines()[3:9] and "\n".join(table.splitlines()[3:9]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
