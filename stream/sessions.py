@@ -1,4 +1,10 @@
-"""SessionManager: admission against the engine's measured capacity, lookup, timeouts, shutdown."""
+"""SessionManager: admission against the engine's measured capacity, lookup, timeouts, shutdown.
+
+A new session is admitted if the engine's load with it stays under the runtime's limit, its
+cost predicted from the engine's measured block time at the cheapest tier it may run at
+(stream/capacity.py); it starts at its requested tier, with a playout delay covering that
+tier's predicted pipeline, and its latency controller (stream/latency.py) moves both from there.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
@@ -19,10 +26,13 @@ from engine.api import (
     FrameBlock,
     InputError,
     SessionParams,
+    engine_block_cost,
 )
 from stream.auth import Auth
+from stream.capacity import predicted_seconds, session_ladder, session_load
 from stream.config import StreamConfig
 from stream.errors import ApiError, not_found
+from stream.governor import GenerationConfig, GenerationTier
 from stream.media.timeline import MediaClock
 from stream.metrics import Metrics
 from stream.session import Session
@@ -32,7 +42,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENGINE_GRACE_S = 0.05  # the runtime's deadline grace
+DEFAULT_BLOCK_S = 0.5  # a block's time when nothing has been measured yet
+FIT_LOAD = GenerationConfig().fit_load  # a tier fits a session's share below this load
+
+
+class _EngineControl:
+    """The runtime as one session's latency controller sees it (`stream.latency.EngineControl`)."""
+
+    def __init__(self, runtime: EngineRuntime, sid: str):
+        self.runtime = runtime
+        self.sid = sid
+
+    def set_tier(self, size: str | None, steps: int | None,
+                 on_done: Callable[[BaseException | None], None]) -> None:
+        self.runtime.set_tier(self.sid, size, steps, on_done)
+
+    def set_playout_delay(self, seconds: float) -> None:
+        self.runtime.set_playout_delay(self.sid, seconds)
+
+    def sharing(self) -> int:
+        return max(1, self.runtime.active)
 
 
 class SessionManager:
@@ -51,18 +80,43 @@ class SessionManager:
         self._watchdog = asyncio.get_running_loop().create_task(self._watch(),
                                                                 name="session-watchdog")
 
-    def playout_delay(self) -> float:
-        """Media time t is shown at t0 + delay + t: a block's span, the engine's look-ahead
-        and compute time, and a margin for encoding and jitter."""
-        measured = (self.runtime.stats.block_seconds_total / self.runtime.stats.blocks
-                    if self.runtime.stats.blocks else getattr(self.engine,
-                                                              "expected_block_seconds", 0.5))
-        return (BLOCK_SECONDS + self.engine.lookahead_s + ENGINE_GRACE_S + measured
-                + self.cfg.media.playout_margin_s)
+    def steps_of(self, params: SessionParams) -> int:
+        return params.steps or self.cfg.engine.sampling.steps
+
+    def rungs(self, params: SessionParams) -> tuple[GenerationTier, ...]:
+        """The generation tiers a session asking for `params` may run at, best first."""
+        lat = self.cfg.latency
+        return session_ladder(lat.generation_ladder, params.size, self.steps_of(params),
+                              lat.governor)
+
+    def playout_delay(self, params: SessionParams) -> float:
+        """Media time t is shown at t0 + delay + t: a block's span, the engine's look-ahead,
+        how long late audio is waited for, the block's time (predicted from the engine's
+        measurement at the best of the session's tiers that fits its share of the engine,
+        where the governor takes it within a block or two; else the average so far), and a
+        margin for encoding and jitter; within [latency] delay_min_s..delay_max_s."""
+        cost = engine_block_cost(self.engine)
+        stats = self.runtime.stats
+        if cost is not None:
+            rungs = self.rungs(params)
+            share = FIT_LOAD * BLOCK_SECONDS / (self.runtime.active + 1)
+            fits = [t for t in rungs if predicted_seconds(cost, t) <= share]
+            block = predicted_seconds(cost, fits[0] if fits else rungs[-1])
+        else:
+            block = stats.block_seconds_total / stats.blocks if stats.blocks else DEFAULT_BLOCK_S
+        lat = self.cfg.latency
+        delay = (BLOCK_SECONDS + self.engine.lookahead_s + lat.late_audio_s + block
+                 + self.cfg.media.playout_margin_s)
+        return min(lat.delay_max_s, max(lat.delay_min_s, delay))
+
+    def expected_load(self, params: SessionParams) -> float | None:
+        """What a session asking for `params` will cost (None: the engine measured nothing)."""
+        cost = engine_block_cost(self.engine)
+        return None if cost is None else session_load(cost, self.rungs(params))
 
     async def create(self, params: SessionParams) -> Session:
         try:
-            self.runtime.admit()
+            self.runtime.admit(self.expected_load(params))
         except CapacityExhausted as exc:
             self.metrics.inc("avatar_sessions_rejected_total", reason="capacity")
             raise ApiError(503, "capacity_exhausted", str(exc), retryable=True,
@@ -85,7 +139,7 @@ class SessionManager:
             if s is not None:
                 s.on_engine_error(exc)
 
-        delay = self.playout_delay()
+        delay = self.playout_delay(params)
         try:
             opened = await self.runtime.open_session(sid, params, on_block, on_error)
         except InputError as exc:
@@ -101,12 +155,15 @@ class SessionManager:
                           close_engine=lambda: self.runtime.close_session(sid),
                           on_closed=self._forget, avatar=opened.info,
                           cut_audio=lambda start, end, on_cut: self.runtime.cut_audio(
-                              sid, start, end, on_cut))
+                              sid, start, end, on_cut),
+                          engine=_EngineControl(self.runtime, sid), metrics=self.metrics,
+                          tier=GenerationTier(params.size, self.steps_of(params)))
         holder["s"] = session
         self.sessions[sid] = session
         self.metrics.inc("avatar_sessions_created_total")
-        log.info("session %s created: %dx%d, playout delay %.2f s, engine %s", sid,
-                 opened.size[0], opened.size[1], delay, self.engine.name)
+        log.info("session %s created: %dx%d, playout delay %.2f s, engine %s, tiers %s", sid,
+                 opened.size[0], opened.size[1], delay, self.engine.name,
+                 " > ".join(str(t) for t in session.latency.ladder))
         if opened.info.get("note"):
             log.warning("session %s: %s", sid, opened.info["note"])
         return session
