@@ -91,8 +91,9 @@ class EngineConfig:
     # sampling.steps takes 0.48 / S s of engine time, less at smaller tiers (area x steps)
     preview_speed: float = 0.0
     preview_marks: bool = False  # the preview stamps audio onsets and frame numbers (probes)
-    # time a short warm-up session at max_size when the engine loads (admission and /readyz
-    # go by it); the Wan engine only, the preview knows its cost without one
+    # time a short warm-up session at max_size when the engine loads on a GPU (admission and
+    # /readyz go by it); the Wan engine only: the preview knows its cost without one, and a
+    # CPU never runs the real model in real time
     calibrate: bool = True
     # speed paths (engine.speed)
     fp8: bool = False  # e4m3 DiT linears through torch._scaled_mm

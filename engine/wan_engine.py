@@ -109,31 +109,34 @@ class WanEngine:
                                  lora_alpha=config.lora_alpha, text_device=text_device,
                                  progress=progress)
         engine = cls(models, config)
-        if config.compile or config.calibrate:
+        # a CPU never runs the real model in real time: calibrating there only delays start-up
+        # (admission then goes by the measured load of the sessions running)
+        if config.compile or (config.calibrate and device.type == "cuda"):
             engine.warm_up()
         return engine
 
     def warm_up(self) -> float:
-        """Run one throw-away session at max_size until its rings are full and one block
-        more, so that every graph torch.compile needs for that size exists before the first
-        real session (minutes on a cold cache), and time it: the last two blocks' critical
-        path (full rings, nothing compiling) is the engine's `block_cost`, which admission and
-        /readyz go by. Returns the seconds it took."""
+        """Run one throw-away session at max_size and time it: its last block's critical path
+        is the engine's `block_cost`, which admission and /readyz go by. With compile it runs
+        until its rings are full and one block more, so that every graph torch.compile needs
+        for that size exists before the first real session (minutes on a cold cache); without,
+        two blocks (the first pays for lazy set-up): a short calibration whose figure is a
+        little under a full ring's, which the sessions' measured load then corrects. Returns
+        the seconds it took."""
         start = time.monotonic()
-        blocks = self.stream_config.ring_frames // self.stream_config.block_frames + 2
+        cfg = self.stream_config
+        blocks = cfg.ring_frames // cfg.block_frames + 2 if self.config.compile else 2
         w, h = parse_size(self.config.max_size)
         log.info("warming up at %dx%d%s: %d blocks", w, h,
                  " (compiling)" if self.config.compile else "", blocks)
         session = self.open_session(SessionParams(image=draw_default_face(w, h),
                                                   size=self.config.max_size))
-        busy = []
         try:
-            for _ in range(blocks):
-                busy.append(session.next_block(pad_silence=True).timings.busy)
+            busy = [session.next_block(pad_silence=True).timings.busy for _ in range(blocks)]
         finally:
             session.close()
         steps = self.config.sampling.steps
-        self._block_cost = BlockCost(self.config.max_size, steps, sum(busy[-2:]) / 2)
+        self._block_cost = BlockCost(self.config.max_size, steps, busy[-1])
         took = time.monotonic() - start
         log.info("warm-up done in %.1f s: a block at %s, %d steps, takes %.3f s (real time: "
                  "0.48 s)", took, self.config.max_size, steps, self._block_cost.seconds)

@@ -335,7 +335,9 @@ class ParallelEngine:
             log.info("the group's memory holds %d session(s) at max_size %s", fit,
                      self.config.max_size)
             self.max_sessions = fit
-        if self.config.compile or (self.config.calibrate and self._block_cost is None):
+        on_gpu = all(r.device.startswith("cuda") for r in group.ready.values())
+        # (a CPU group, as in tests, is never real time: calibrating it only delays start-up)
+        if self.config.compile or (self.config.calibrate and on_gpu and self._block_cost is None):
             self.warm_up(group)
         with self._lock:
             if group is self._group and not group.down:
@@ -472,13 +474,14 @@ class ParallelEngine:
         self.layout.check_steps(steps)
 
     def warm_up(self, group: RankGroup) -> float:
-        """One throw-away session at max_size until its rings are full and one block more, so
-        that every graph torch.compile needs exists on every rank before the first real session
-        (minutes on a cold cache), timed: the last two blocks' critical path (the busiest
-        rank's) is the engine's `block_cost`. Returns the seconds it took."""
+        """One throw-away session at max_size, timed: its last block's critical path (the
+        busiest rank's) is the engine's `block_cost`. With compile it runs until its rings are
+        full and one block more, so that every graph torch.compile needs exists on every rank
+        before the first real session (minutes on a cold cache); without, two blocks (a short
+        calibration, as `engine.wan_engine.WanEngine.warm_up`). Returns the seconds it took."""
         start = time.monotonic()
         cfg = self.stream_config
-        blocks = cfg.ring_frames // cfg.block_frames + 2
+        blocks = cfg.ring_frames // cfg.block_frames + 2 if self.config.compile else 2
         w, h = parse_size(self.config.max_size)
         log.info("warming up the group at %dx%d%s: %d blocks", w, h,
                  " (compiling)" if self.config.compile else "", blocks)
@@ -490,7 +493,7 @@ class ParallelEngine:
         finally:
             session.close()
         self._block_cost = BlockCost(self.config.max_size, self.config.sampling.steps,
-                                     sum(busy[-2:]) / 2)
+                                     busy[-1])
         took = time.monotonic() - start
         log.info("group warm-up done in %.1f s: a block at %s takes %.3f s of the busiest "
                  "rank (real time: 0.48 s)", took, self.config.max_size,
