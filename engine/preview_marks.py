@@ -3,7 +3,7 @@
 Two marks, both made to survive H.264 at low bitrates and any scaling of the frame:
 
 - the **onset patch**: a square in the top-right corner, black, turning white for the frame
-  whose audio starts a sound after a quiet stretch (an onset) and the two frames after it. A
+  whose audio starts a sound after a quiet stretch (an onset) and the three frames after it. A
   probe that knows when it made the sound (a click in a browser's fake microphone, a tone burst
   from a test's caller) and sees when the white patch is shown measures glass-to-glass latency
   (`avatar latency-probe`, client/web/probe.js).
@@ -22,7 +22,7 @@ import numpy as np
 ONSET_DBFS = -30.0  # a frame this loud...
 QUIET_DBFS = -45.0  # ...after QUIET_FRAMES frames all quieter than this is an onset
 QUIET_FRAMES = 3
-ONSET_SHOWN = 3  # frames the patch stays white (a receiver may miss one frame)
+ONSET_SHOWN = 4  # frames the patch stays white (a receiver may miss a frame or two)
 CODE_BITS = 16
 CODE_CELLS = CODE_BITS + 1  # and a parity cell
 
