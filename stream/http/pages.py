@@ -9,9 +9,9 @@ from typing import Any
 from aiohttp import web
 
 from engine.api import SessionParams, engine_block_cost, engine_health
-from stream.capacity import capacity as capacity_of
 from stream.http.state import server_of
 from stream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from stream.sessions import capacity as capacity_of
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "client" / "web"
 
