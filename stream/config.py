@@ -312,6 +312,14 @@ class LatencyConfig:
     late_audio_s: float = 0.3
     pause_dbfs: float = -40.0  # playout audio under this is a pause (where the delay changes)
 
+    def longest_delay_s(self, margin_s: float) -> float:
+        """The playout delay's ceiling. With the governor on it is the latency target less the
+        margin (encoding and sending): the delay never carries latency past the target; a
+        block that would need more is shown late or skipped while the governor steps down."""
+        if not self.governor:
+            return self.delay_max_s
+        return max(self.delay_min_s, min(self.delay_max_s, self.target_s - margin_s))
+
     def __post_init__(self) -> None:
         _range("latency.target_s", self.target_s, 0.2, 30.0)
         _range("latency.down_blocks", self.down_blocks, 1, 100)

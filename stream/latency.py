@@ -122,7 +122,8 @@ class LatencyController:
                                           up_blocks=cfg.up_blocks)) if cfg.governor else None
         self.tier = self.ladder[0]  # what the engine generates now (after the last change)
         self.delay = PlayoutDelay(clock.delay, DelayConfig(
-            min_s=min(cfg.delay_min_s, clock.delay), max_s=max(cfg.delay_max_s, clock.delay),
+            min_s=min(cfg.delay_min_s, clock.delay),
+            max_s=max(cfg.longest_delay_s(margin_s), clock.delay),
             margin_s=margin_s, window=max(1, round(cfg.delay_window_s / BLOCK_SECONDS)),
             shrink_per_block_s=cfg.delay_shrink_s)) if cfg.adaptive_delay else None
         self.frame_size: tuple[int, int] | None = None

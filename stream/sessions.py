@@ -143,7 +143,8 @@ class SessionManager:
         how long late audio is waited for, the block's time (predicted from the engine's
         measurement at the best of the session's tiers that fits its share of the engine,
         where the governor takes it within a block or two; else the average so far), and a
-        margin for encoding and jitter; within [latency] delay_min_s..delay_max_s."""
+        margin for encoding and jitter; from [latency] delay_min_s up to its ceiling
+        (`LatencyConfig.longest_delay_s`: the latency target, with the governor on)."""
         cost = engine_block_cost(self.engine)
         stats = self.runtime.stats
         if cost is not None:
@@ -156,7 +157,8 @@ class SessionManager:
         lat = self.cfg.latency
         delay = (BLOCK_SECONDS + self.engine.lookahead_s + lat.late_audio_s + block
                  + self.cfg.media.playout_margin_s)
-        return min(lat.delay_max_s, max(lat.delay_min_s, delay))
+        return min(lat.longest_delay_s(self.cfg.media.playout_margin_s),
+                   max(lat.delay_min_s, delay))
 
     def expected_load(self, params: SessionParams) -> float | None:
         """What a session asking for `params` will cost (None: the engine measured nothing)."""
