@@ -64,7 +64,9 @@ class BlockTimings:
     `features`: audio features and audio tokens; `denoise`: all steps (`steps`: each of them);
     `decode`: the VAE; `postprocess`: frames to uint8 and onto the host; `total`: wall time from
     the block's start to its frames on the host; `busy`: what it cost the engine's critical
-    path (features + denoise, plus the decode unless that overlapped the next block).
+    path (features + denoise, plus the decode unless that overlapped the next block); `setup`:
+    what a tier change cost before this block (a new size re-makes the sink: not a cost of the
+    tier itself, so the latency governor does not count it as one).
     """
 
     features: float = 0.0
@@ -74,6 +76,7 @@ class BlockTimings:
     steps: tuple[float, ...] = ()
     postprocess: float = 0.0
     busy: float = 0.0  # seconds it held the engine's critical path (not an overlapped decode)
+    setup: float = 0.0  # seconds of a tier change's set-up paid before this block (in total)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,8 @@ class FrameBlock:
     frames: np.ndarray
     timings: BlockTimings = field(default_factory=BlockTimings)
     silent_samples: int = 0  # samples of missing audio generated as silence
+    # (size budget, steps) the block was generated at; None: the engine does not say
+    tier: tuple[str, int] | None = None
 
     @property
     def fps(self) -> int:
@@ -148,6 +153,25 @@ class EngineHealth:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class BlockCost:
+    """What one block costs the engine's critical path at a tier, as the engine measured it
+    when it started (`source`: "cost model" for the preview's modelled speed, "warm-up" for a
+    timed session). Admission and /readyz predict other tiers from it (area x steps)."""
+
+    size: str  # the pixel-area budget it was measured at
+    steps: int
+    seconds: float
+    source: str = "warm-up"
+
+
+def engine_block_cost(engine: Engine) -> BlockCost | None:
+    """The engine's measured block cost (optional for engines: a `block_cost()` method; None
+    when it has none, and admission then goes by the load of the sessions running)."""
+    cost = getattr(engine, "block_cost", None)
+    return cost() if callable(cost) else None
+
+
 def engine_health(engine: Engine) -> EngineHealth:
     """The engine's health (optional for engines: a `health()` method; without one, ready)."""
     health = getattr(engine, "health", None)
@@ -198,7 +222,8 @@ class Engine(Protocol):
     `max_size`: the largest generation area budget ("W*H") a session may ask for; for the real
     engine it is what the GPU memory plan was checked for.
     Optional: `max_in_flight` (blocks of one pipelined session submitted and not yet delivered
-    at once; default 2; a pipeline of k stages needs k + 1) and `health()` (`engine_health`).
+    at once; default 2; a pipeline of k stages needs k + 1), `health()` (`engine_health`) and
+    `block_cost()` (`engine_block_cost`).
     """
 
     name: str
@@ -237,10 +262,13 @@ def create_engine(config: EngineConfig, progress: ProgressFn | None = None) -> E
     return PreviewEngine(config)
 
 
-def start_runtime(engine: Engine, loop: asyncio.AbstractEventLoop) -> EngineRuntime:
-    """Start the engine loop thread for `engine`; results wake `loop`."""
+def start_runtime(engine: Engine, loop: asyncio.AbstractEventLoop,
+                  late_audio_s: float = 0.3) -> EngineRuntime:
+    """Start the engine loop thread for `engine`; results wake `loop`. `late_audio_s`: how long
+    past its real-time deadline a block waits for late audio before missing audio is silence
+    (the server's input re-anchors audio later than that: one setting for both)."""
     from engine.runtime import EngineRuntime
 
     return EngineRuntime(engine, loop, max_sessions=engine.max_sessions,
-                         lookahead_s=engine.lookahead_s,
+                         lookahead_s=engine.lookahead_s, grace_s=late_audio_s,
                          max_in_flight=getattr(engine, "max_in_flight", 2))

@@ -87,6 +87,14 @@ class EngineConfig:
     audio_lookahead_s: float = 0.16  # and after it (adds this much latency)
     max_sessions: int = 0  # 0: the engine's default (preview 8, wan 1 per process)
     max_size: str = "704*384"  # the largest size budget sessions may use (plans for it)
+    # the preview engine's speed: 0 as fast as it draws; S > 0: a block at max_size and
+    # sampling.steps takes 0.48 / S s of engine time, less at smaller tiers (area x steps)
+    preview_speed: float = 0.0
+    preview_marks: bool = False  # the preview stamps audio onsets and frame numbers (probes)
+    # time a short warm-up session at max_size when the engine loads on a GPU (admission and
+    # /readyz go by it); the Wan engine only: the preview knows its cost without one, and a
+    # CPU never runs the real model in real time
+    calibrate: bool = True
     # speed paths (engine.speed)
     fp8: bool = False  # e4m3 DiT linears through torch._scaled_mm
     fp8_scaling: str = "tensor"  # tensor | row (per output channel and per token)
@@ -143,6 +151,7 @@ class EngineConfig:
         _in_range(f"{sec}.max_sessions", self.max_sessions, 0, 256)
         _in_range(f"{sec}.lora_alpha", self.lora_alpha, 1e-6, 1e6)
         _in_range(f"{sec}.avatar_cache_mb", self.avatar_cache_mb, 0, 1 << 20)
+        _in_range(f"{sec}.preview_speed", self.preview_speed, 0.0, 1000.0)
         _one_of(f"{sec}.dtype", self.dtype, DTYPES)
         _one_of(f"{sec}.random_shapes", self.random_shapes, RANDOM_SHAPES)
         _one_of(f"{sec}.fp8_scaling", self.fp8_scaling, FP8_SCALINGS)

@@ -91,7 +91,10 @@ class PendingFrames:
     `engine.api.PendingBlock`): `done()` never waits, `result()` waits and returns the block."""
 
     def __init__(self, index: int, first_frame: int, silent: int, clock: StageClock,
-                 steps: list[int], decode: PendingDecode, overlapped: bool, started: float):
+                 steps: list[int], decode: PendingDecode, overlapped: bool, started: float,
+                 tier: Tier | None = None, setup: float = 0.0):
+        self.tier = tier
+        self.setup = setup
         self.index = index
         self.first_frame = first_frame
         self.silent = silent
@@ -121,7 +124,8 @@ class PendingFrames:
         busy = features + sum(steps) + (0.0 if self.overlapped else decode + post)
         self._block = FrameBlock(self.index, self.first_frame, frames, BlockTimings(
             features=features, denoise=sum(steps), decode=decode, total=finished - self.started,
-            steps=steps, postprocess=post, busy=busy), self.silent)
+            steps=steps, postprocess=post, busy=busy, setup=self.setup), self.silent,
+            tier=None if self.tier is None else (self.tier.size, self.tier.steps))
         return self._block
 
 
@@ -290,6 +294,7 @@ class StreamGenerator:
         plan = self.plans.plan()
         with torch.inference_mode():
             self._apply(plan)
+        setup = time.perf_counter() - started if plan.resize else 0.0  # (host time)
         clock = StageClock(self.device)
         clock.mark("start")
         with torch.inference_mode(), self.speed.attention.active():
@@ -312,7 +317,7 @@ class StreamGenerator:
                 self._captured = (b, x[:, :, :1].clone())
             pending = self.decode.submit(x.to(m.dtype))
         return PendingFrames(b, first, silent, clock, self.denoiser.steps, pending,
-                             self.decoder.overlapped, started)
+                             self.decoder.overlapped, started, plan.tier, setup)
 
     def _apply(self, plan: BlockPlan) -> None:
         """The state changes the block's plan asks for (`engine.session_plan`)."""

@@ -13,26 +13,40 @@ engine (12 frames per 0.48 s block):
 
 Every frame carries a "PREVIEW" mark. It is fast enough for several real-time sessions on one
 core (`avatar preview-bench` prints the figures).
+
+Like the real engine it changes tier at a block boundary (`set_tier`: frames of the new size from
+the next block on) and it can be made slow on purpose ([engine] preview_speed S > 0) to test and
+demonstrate the latency governor: a block then takes `PreviewCost.seconds` of wall time on the
+engine thread (drawing, then sleeping the rest), 0.48 / S s at max_size and the configured steps
+and proportionally less at smaller areas and fewer steps, like the real engine's cost; a new
+size costs one more such block (the real engine re-makes its sink). With [engine] preview_marks
+it stamps audio onsets and frame numbers into the picture (`engine.preview_marks`).
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from engine.api import (
+    BLOCK_SECONDS,
     FRAMES_PER_BLOCK,
     SAMPLES_PER_FRAME,
     AudioChunk,
+    BlockCost,
     BlockTimings,
     FrameBlock,
     SessionParams,
 )
 from engine.audio_buffer import AudioBuffer
 from engine.config import EngineConfig
+from engine.errors import InputError
 from engine.face_animate import MOUTH_INTERIOR, FaceRig
 from engine.face_detect import FaceDetector
+from engine.preview_marks import OnsetDetector, draw_marks
 from engine.sizing import generation_size, parse_area
 
 # 1. Geometry shared with tests ------------------------------------------------------------------
@@ -159,6 +173,20 @@ def draw_label(img: np.ndarray, *lines: str) -> tuple[int, int]:
 # 3. Engine and session --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PreviewCost:
+    """The slow preview's cost model: `top_s` seconds a block at `top_area` pixels and
+    `top_steps` steps, proportional to area x steps below (the real engine's DiT steps and VAE
+    decode both scale about linearly with the area over the ladder's range)."""
+
+    top_s: float
+    top_area: int
+    top_steps: int
+
+    def seconds(self, area: int, steps: int) -> float:
+        return self.top_s * area / self.top_area * steps / self.top_steps
+
+
 class DrawnFace:
     """The default avatar's animation: a dark ellipse for a mouth at `mouth_box`, opening with
     the loudness, and a closed-eyes picture every 4 s. Frame n is drawn onto a copy of `base`."""
@@ -194,14 +222,20 @@ class PreviewSession:
     """
 
     def __init__(self, params: SessionParams, default_avatar: np.ndarray | None,
-                 detector: FaceDetector | None = None):
+                 detector: FaceDetector | None = None, cost: PreviewCost | None = None,
+                 steps: int = 4, marks: bool = False):
         self.image = params.image if params.image is not None else default_avatar
         self.detector = detector
+        self.cost = cost
+        self.steps = params.steps or steps
+        self.onsets = OnsetDetector() if marks else None
         self._draw_at(params.size)
         self.audio = AudioBuffer()
         self.block = 0
+        self._setup_s = 0.0  # a tier change's set-up, paid by the next block
 
     def _draw_at(self, size: str) -> None:
+        self.budget = size
         image = self.image
         # the same size rule as the real engine; the drawn face is 16:9 and fills the budget
         h_img, w_img = image.shape[:2] if image is not None else (9 * 1024, 16 * 1024)
@@ -243,14 +277,29 @@ class PreviewSession:
         return self.audio.end >= (self.block + 1) * FRAMES_PER_BLOCK * SAMPLES_PER_FRAME
 
     def seek(self, block: int) -> None:
+        if block != self.block and self.onsets is not None:
+            self.onsets.reset()
         self.block = block
 
     def set_tier(self, size: str | None = None, steps: int | None = None) -> None:
-        """A new size is drawn from the next block on; steps mean nothing here."""
-        if size is not None:
+        """Frames of a new size from the next block on (which pays one block of set-up when
+        the preview is slow); steps only change the cost."""
+        if steps is not None:
+            if not 1 <= steps <= 50:
+                raise InputError(f"steps={steps}: accepted 1..50")
+            self.steps = steps
+        if size is not None and parse_area(size) != parse_area(self.budget):
             self._draw_at(size)
+            self._setup_s = self.block_seconds()
+
+    def block_seconds(self) -> float:
+        """Engine time a block takes now (0: as fast as it draws)."""
+        if self.cost is None:
+            return 0.0
+        return self.cost.seconds(self.width * self.height, self.steps)
 
     def next_block(self, pad_silence: bool = False) -> FrameBlock:
+        started = time.perf_counter()
         first = self.block * FRAMES_PER_BLOCK
         end = (first + FRAMES_PER_BLOCK) * SAMPLES_PER_FRAME
         silent = self.audio.pad_to(end) if pad_silence else 0
@@ -259,11 +308,20 @@ class PreviewSession:
         audio = self.audio.read(first * SAMPLES_PER_FRAME, end)
         frames = np.repeat(self.base[None], FRAMES_PER_BLOCK, axis=0)
         for i in range(FRAMES_PER_BLOCK):
-            opening = mouth_opening(audio[i * SAMPLES_PER_FRAME:(i + 1) * SAMPLES_PER_FRAME])
-            self.draw_frame(frames[i], first + i, opening)
+            samples = audio[i * SAMPLES_PER_FRAME:(i + 1) * SAMPLES_PER_FRAME]
+            self.draw_frame(frames[i], first + i, mouth_opening(samples))
+            if self.onsets is not None:
+                draw_marks(frames[i], first + i, self.onsets.frame(samples))
         self.audio.forget_before(end)
         self.block += 1
-        return FrameBlock(self.block - 1, first, frames, BlockTimings(), silent)
+        setup, self._setup_s = self._setup_s, 0.0
+        wait = started + setup + self.block_seconds() - time.perf_counter()
+        if wait > 0:  # the slow preview: the engine thread is busy for the modelled time
+            time.sleep(wait)
+        total = time.perf_counter() - started
+        return FrameBlock(self.block - 1, first, frames,
+                          BlockTimings(denoise=total - setup, total=total, busy=total - setup,
+                                       setup=setup), silent, tier=(self.budget, self.steps))
 
     def draw_frame(self, frame: np.ndarray, n: int, opening: float) -> None:
         """Animate frame number `n`, a copy of `base`, for a mouth `opening` in [0, 1]."""
@@ -290,8 +348,15 @@ class PreviewEngine:
         self.default_avatar = default_avatar
         self.max_sessions = self.config.max_sessions or 8
         self.max_size = self.config.max_size
+        speed = self.config.preview_speed
+        self.cost = PreviewCost(BLOCK_SECONDS / speed, parse_area(self.max_size),
+                                self.config.sampling.steps) if speed > 0 else None
+        if speed > 0:
+            self.description += (f"; made {1 / speed:g}x slower than real time at "
+                                 f"{self.max_size} on purpose ([engine] preview_speed)")
         self._detector: FaceDetector | None = None
         self._lock = threading.Lock()
+        self._block_cost: BlockCost | None = None
 
     @property
     def detector(self) -> FaceDetector:
@@ -303,7 +368,24 @@ class PreviewEngine:
 
     def open_session(self, params: SessionParams) -> PreviewSession:
         pictured = params.image is not None or self.default_avatar is not None
-        return PreviewSession(params, self.default_avatar, self.detector if pictured else None)
+        return PreviewSession(params, self.default_avatar, self.detector if pictured else None,
+                              self.cost, self.config.sampling.steps, self.config.preview_marks)
+
+    def block_cost(self) -> BlockCost:
+        """A block's cost at max_size: the cost model's when slow, else one block timed (the
+        first time it is asked: a few milliseconds of drawing)."""
+        steps = self.config.sampling.steps
+        if self.cost is not None:
+            return BlockCost(self.max_size, steps, self.cost.top_s, "cost model")
+        with self._lock:
+            if self._block_cost is None:
+                session = PreviewSession(SessionParams(size=self.max_size), None, steps=steps)
+                session.push_audio(AudioChunk(np.zeros(FRAMES_PER_BLOCK * SAMPLES_PER_FRAME,
+                                                       np.float32), 0))
+                block = session.next_block()
+                self._block_cost = BlockCost(self.max_size, steps, block.timings.total,
+                                             "warm-up")
+            return self._block_cost
 
     def close(self) -> None:
         pass

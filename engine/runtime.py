@@ -3,9 +3,18 @@
 Design note (the invariant): for every session, block b (media [0.48 b, 0.48 b + 0.48) s) is
 generated as soon as its audio is in, or when its deadline t0 + 0.48 (b + 1) + look-ahead + grace
 passes, whichever is first (missing audio is then silence); among sessions, the earliest deadline
-goes first. A session that falls more than `max_lag_blocks` behind skips ahead on the audio
-timeline instead of queueing. No block starts more than `max_ahead_s` before its media time, so
-audio sent faster than real time cannot flood the viewers' frame stores.
+goes first. The grace is how long late audio is waited for: the server re-anchors input audio
+that is later than that (stream/media/audio_in.py), one setting for both, so audio is either
+used by its block or played later as its own, never played over a block made without it.
+
+Skip-ahead. The server tells the runtime each session's playout delay (`set_playout_delay`:
+media time t is shown at t0 + delay + t). A block that, started now and taking as long as the
+session's recent blocks took, would be done only after its last frame's presentation time is
+never shown: the session skips ahead to the first block that can still be shown (in part),
+among those whose audio is due, and the skipped blocks are counted. Without a delay (the
+runtime on its own, as in its tests) a session skips when more than `max_lag_blocks` behind.
+No block starts more than `max_ahead_s` before its media time, so audio sent faster than real
+time cannot flood the viewers' frame stores.
 
 An interrupted source cuts its audio (`cut_audio`): the runtime replaces the session's audio from
 the first sample no started block has read with silence, and says where that cut fell, so the
@@ -23,7 +32,10 @@ A generation-tier change (`set_tier`, for sessions that support it: `engine.api.
 is a command like any other, so it lands between two blocks: the next block submitted after it
 is the first at the new tier. While the engine reports itself not ready (`engine.api.
 engine_health`: a multi-GPU group restarting after a failed rank), admission refuses new
-sessions with a retryable CapacityExhausted.
+sessions with a retryable CapacityExhausted. Admission counts the measured load of the sessions
+running plus what the new one is expected to cost (`admit(expected_load)`: the server predicts
+it from the engine's warm-up measurement, so the first session is refused too when even the
+cheapest tier cannot run in real time).
 
 Torch-free: the engine decides what it imports. Results reach the event loop only through
 `loop.call_soon_threadsafe`; commands reach the thread only through a queue (audio is never
@@ -35,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -94,10 +107,16 @@ class _Slot:
     block: int = 0
     in_flight: int = 0  # submitted, not yet delivered
     compute: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    took: deque[float] = field(default_factory=lambda: deque(maxlen=3))  # start -> frames
+    delay: float | None = None  # the server's playout delay for it (None: not told)
 
     def load(self) -> float:
         """Measured share of real time this session costs (compute per block / 0.48 s)."""
         return (sum(self.compute) / len(self.compute) / BLOCK_SECONDS) if self.compute else 0.0
+
+    def expected_s(self) -> float:
+        """How long its next block will take from start to frames (its recent blocks)."""
+        return sorted(self.took)[len(self.took) // 2] if self.took else 0.0
 
 
 class EngineRuntime:
@@ -152,8 +171,10 @@ class EngineRuntime:
         with self._lock:
             return sum(s.load() for s in self._slots.values())
 
-    def admit(self) -> None:
-        """Reserve room for one more session or raise CapacityExhausted."""
+    def admit(self, expected_load: float | None = None) -> None:
+        """Reserve room for one more session or raise CapacityExhausted. `expected_load`: the
+        share of real time the new session will cost (None: as much as the average session
+        running now, and the first one is let in)."""
         health = engine_health(self.engine)
         if not health.ready:
             raise CapacityExhausted(f"the engine is not ready ({health.status}): {health.detail}",
@@ -161,12 +182,19 @@ class EngineRuntime:
         with self._lock:
             count = len(self._slots) + self._reserved
             load = sum(s.load() for s in self._slots.values())
-            per_session = load / len(self._slots) if self._slots else 0.0
             if count >= self.max_sessions:
                 raise CapacityExhausted(f"all {self.max_sessions} session slots are in use")
-            if self._slots and load + per_session > self.max_load:
+            if expected_load is not None and expected_load > self.max_load:
+                raise CapacityExhausted(
+                    f"one session needs {expected_load:.0%} of this engine's real time even at "
+                    f"its cheapest tier (admission stops at {self.max_load:.0%}): the engine is "
+                    "too slow for a real-time session; use a faster GPU, a layout over more "
+                    "GPUs, or a cheaper [latency] generation_ladder", retry_after=60.0)
+            need = expected_load if expected_load is not None else (
+                load / len(self._slots) if self._slots else 0.0)
+            if self._slots and load + need > self.max_load:
                 raise CapacityExhausted(f"the engine is at {load:.0%} of real time; another "
-                                        "session would not keep up")
+                                        f"session (about {need:.0%}) would not keep up")
             self._reserved += 1
 
     def release(self) -> None:
@@ -206,6 +234,11 @@ class EngineRuntime:
         unchanged), from the next block submitted; `on_done(error or None)` then runs on the
         event loop. A refused tier (an InputError) leaves the session as it was."""
         self._commands.put(("tier", (sid, size, steps, on_done)))
+
+    def set_playout_delay(self, sid: str, seconds: float) -> None:
+        """Session `sid`'s frames of media time t are shown at t0 + `seconds` + t: blocks that
+        would be done only after their frames' time are skipped (see the module docstring)."""
+        self._commands.put(("delay", (sid, seconds)))
 
     def close_session(self, sid: str) -> None:
         self._commands.put(("close", sid))
@@ -312,6 +345,8 @@ class EngineRuntime:
             else:
                 try:
                     slot.session.set_tier(size, steps)
+                    slot.compute.clear()  # measured afresh at the new tier
+                    slot.took.clear()
                 except Exception as exc:  # a bad tier is the caller's error, not the session's
                     error = exc
             if on_done is not None:
@@ -326,6 +361,11 @@ class EngineRuntime:
                 self._abandoned.discard(sid)
                 self._close(sid)
             future.set_result(OpenedSession(session.size, t0, session_info(session)))
+        elif kind == "delay":
+            sid, seconds = arg
+            slot = self._slots.get(sid)
+            if slot is not None:
+                slot.delay = seconds
         elif kind == "close":
             if arg in self._slots:
                 self._close(arg)
@@ -339,6 +379,7 @@ class EngineRuntime:
             if slot is not None:
                 slot.in_flight -= 1
                 slot.compute.append(block.timings.busy)
+                slot.took.append(block.timings.total or block.timings.busy)
                 self._count(block, block.timings.total or block.timings.busy)
         elif kind == "failed":
             sid, error = arg
@@ -377,15 +418,30 @@ class EngineRuntime:
                 due.append(slot)
         return min(due, key=self._deadline) if due else None
 
+    def _skip_to(self, slot: _Slot, now: float) -> int | None:
+        """The block `slot` should skip ahead to now, if any (see the module docstring)."""
+        due = math.floor((now - slot.t0 - self.lookahead_s - self.grace_s) / BLOCK_SECONDS) - 1
+        if slot.delay is None:
+            late = now - self._deadline(slot)
+            return due + 1 if late > self.max_lag_blocks * BLOCK_SECONDS else None
+        done = now + slot.expected_s()
+        shown_until = slot.t0 + slot.delay + (slot.block + 1) * BLOCK_SECONDS
+        if done <= shown_until:
+            return None
+        # the block being presented when this one would be done: its tail can still be shown
+        wanted = math.floor((done - slot.t0 - slot.delay) / BLOCK_SECONDS)
+        target = min(wanted, due)  # never before its audio is due: that would be silence
+        return target if target > slot.block else None
+
     def _step(self, slot: _Slot) -> None:
         now = time.monotonic()
-        late = now - self._deadline(slot)
         started = time.monotonic()
         try:
-            if late > self.max_lag_blocks * BLOCK_SECONDS:
-                target = int((now - slot.t0 - self.lookahead_s - self.grace_s) // BLOCK_SECONDS)
-                log.warning("session %s is %.2f s behind: skipping blocks %d..%d", slot.sid,
-                            late, slot.block, target - 1)
+            target = self._skip_to(slot, now)
+            if target is not None:
+                log.warning("session %s is %.2f s behind its presentation: skipping blocks "
+                            "%d..%d", slot.sid, now - self._deadline(slot), slot.block,
+                            target - 1)
                 self.stats.skipped_blocks += target - slot.block
                 slot.session.seek(target)
                 slot.block = target
@@ -402,6 +458,7 @@ class EngineRuntime:
             return
         spent = time.monotonic() - started
         slot.compute.append(spent)
+        slot.took.append(spent)
         slot.block = block.index + 1
         self._count(block, spent)
         self.loop.call_soon_threadsafe(slot.on_block, block)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from engine.api import AudioChunk, FrameBlock, ProgressFn, SessionParams
+from engine.api import AudioChunk, BlockCost, FrameBlock, ProgressFn, SessionParams
 from engine.audio_features import AudioFeatureConfig
 from engine.avatar_cache import MB
 from engine.checkpoint.loader import (
@@ -91,6 +91,7 @@ class WanEngine:
         self.lookahead_s = config.audio_lookahead_s + 0.005
         self.max_sessions = config.max_sessions or 1
         self.max_size = config.max_size
+        self._block_cost: BlockCost | None = None  # measured by `warm_up`
 
     @classmethod
     def load(cls, config: EngineConfig, progress: ProgressFn | None = None) -> WanEngine:
@@ -108,28 +109,42 @@ class WanEngine:
                                  lora_alpha=config.lora_alpha, text_device=text_device,
                                  progress=progress)
         engine = cls(models, config)
-        if config.compile:
+        # a CPU never runs the real model in real time: calibrating there only delays start-up
+        # (admission then goes by the measured load of the sessions running)
+        if config.compile or (config.calibrate and device.type == "cuda"):
             engine.warm_up()
         return engine
 
     def warm_up(self) -> float:
-        """Run one throw-away session at max_size until its rings are full, so that every
-        graph torch.compile needs for that size exists before the first real session (minutes
-        on a cold cache). Returns the seconds it took."""
+        """Run one throw-away session at max_size and time it: its last block's critical path
+        is the engine's `block_cost`, which admission and /readyz go by. With compile it runs
+        until its rings are full and one block more, so that every graph torch.compile needs
+        for that size exists before the first real session (minutes on a cold cache); without,
+        two blocks (the first pays for lazy set-up): a short calibration whose figure is a
+        little under a full ring's, which the sessions' measured load then corrects. Returns
+        the seconds it took."""
         start = time.monotonic()
-        blocks = self.stream_config.ring_frames // self.stream_config.block_frames + 1
+        cfg = self.stream_config
+        blocks = cfg.ring_frames // cfg.block_frames + 2 if self.config.compile else 2
         w, h = parse_size(self.config.max_size)
-        log.info("warming up (compiling) at %dx%d: %d blocks", w, h, blocks)
+        log.info("warming up at %dx%d%s: %d blocks", w, h,
+                 " (compiling)" if self.config.compile else "", blocks)
         session = self.open_session(SessionParams(image=draw_default_face(w, h),
                                                   size=self.config.max_size))
         try:
-            for _ in range(blocks):
-                session.next_block(pad_silence=True)
+            busy = [session.next_block(pad_silence=True).timings.busy for _ in range(blocks)]
         finally:
             session.close()
+        steps = self.config.sampling.steps
+        self._block_cost = BlockCost(self.config.max_size, steps, busy[-1])
         took = time.monotonic() - start
-        log.info("warm-up done in %.1f s", took)
+        log.info("warm-up done in %.1f s: a block at %s, %d steps, takes %.3f s (real time: "
+                 "0.48 s)", took, self.config.max_size, steps, self._block_cost.seconds)
         return took
+
+    def block_cost(self) -> BlockCost | None:
+        """What a block costs at max_size, from the warm-up (None: no warm-up ran)."""
+        return self._block_cost
 
     def open_session(self, params: SessionParams) -> WanSession:
         check_size(params.size, self.config.max_size)

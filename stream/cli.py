@@ -10,7 +10,7 @@ import logging
 import sys
 
 from engine import commands as engine_commands
-from stream import render, server, soak
+from stream import latency_probe, render, server, soak
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_command(sub)
     render.add_command(sub)
     soak.add_command(sub)
+    latency_probe.add_command(sub)
     engine_commands.add_commands(sub)
     return parser
 

@@ -1,7 +1,7 @@
 """config.toml for the server: read once by the entry point; each package parses its own section.
 
-`stream` owns [server], [webrtc], [media], [sessions], [websocket] and [avatars]; `engine` owns
-[engine].
+`stream` owns [server], [webrtc], [media], [sessions], [websocket], [latency] and [avatars];
+`engine` owns [engine].
 Frozen dataclasses; every validation error names the dotted key and the accepted range.
 """
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.api import ConfigError, EngineConfig
+from engine.api import ConfigError, EngineConfig, InputError, parse_area
+from stream.governor import DEFAULT_GENERATION_LADDER, GenerationTier
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -258,6 +259,80 @@ class WebSocketConfig:
         _range("websocket.max_pending_events", self.max_pending_events, 16, 100_000)
 
 
+def _generation_rungs(raw: tuple) -> tuple[GenerationTier, ...]:
+    """latency.generation_ladder as TOML tables (or GenerationTier values) -> validated."""
+    out = []
+    for i, item in enumerate(raw):
+        key = f"latency.generation_ladder[{i}]"
+        if isinstance(item, dict):
+            if sorted(item) != ["size", "steps"] or not isinstance(item["size"], str) or \
+                    not isinstance(item["steps"], int) or isinstance(item["steps"], bool):
+                raise ConfigError(f"{key}: expected a table {{size = \"448*256\", steps = 3}}; "
+                                  f"got {item!r}")
+            item = GenerationTier(item["size"], item["steps"])
+        if not isinstance(item, GenerationTier):
+            raise ConfigError(f"{key}={item!r}: expected a table with size and steps")
+        try:
+            parse_area(item.size)
+        except InputError as exc:
+            raise ConfigError(f"{key}.size: {exc}") from None
+        _range(f"{key}.steps", item.steps, 1, 50)
+        out.append(item)
+    if not out:
+        raise ConfigError("latency.generation_ladder is empty: give at least one rung, e.g. "
+                          "[{size = \"704*384\", steps = 4}]")
+    work = [t.work() for t in out]
+    if work != sorted(work, reverse=True) or len(set(work)) != len(work):
+        raise ConfigError(f"latency.generation_ladder: {[str(t) for t in out]}: each rung must "
+                          "cost less than the one before (a smaller area, or fewer steps)")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """[latency]: the generation governor, the playout delay and late audio (docs/latency.md)."""
+
+    # a generation tier per session from its measured block time, lateness and latency (false:
+    # every session stays at its requested size and steps)
+    governor: bool = True
+    # the playout delay follows the measured pipeline, changed at pauses (false: fixed when the
+    # session starts)
+    adaptive_delay: bool = True
+    target_s: float = 1.5  # audio in -> frame out the governor keeps latency under
+    # best first; a session starts at its requested size and may go down to the rungs below it
+    generation_ladder: tuple = DEFAULT_GENERATION_LADDER
+    down_blocks: int = 2  # bad blocks in a row before a step down (one, if far over budget)
+    up_blocks: int = 20  # good blocks in a row before a step up is tried
+    delay_min_s: float = 0.3
+    delay_max_s: float = 3.0
+    delay_window_s: float = 6.0  # the delay covers the slowest block of this much history
+    delay_shrink_s: float = 0.12  # at most this much shorter per block, at pauses only
+    # one setting: a block waits this long past its real-time deadline for late audio before
+    # the missing audio is silence, and input audio later than this is re-anchored
+    late_audio_s: float = 0.3
+    pause_dbfs: float = -40.0  # playout audio under this is a pause (where the delay changes)
+
+    def longest_delay_s(self, margin_s: float) -> float:
+        """The playout delay's ceiling. With the governor on it is the latency target less the
+        margin (encoding and sending): the delay never carries latency past the target; a
+        block that would need more is shown late or skipped while the governor steps down."""
+        if not self.governor:
+            return self.delay_max_s
+        return max(self.delay_min_s, min(self.delay_max_s, self.target_s - margin_s))
+
+    def __post_init__(self) -> None:
+        _range("latency.target_s", self.target_s, 0.2, 30.0)
+        _range("latency.down_blocks", self.down_blocks, 1, 100)
+        _range("latency.up_blocks", self.up_blocks, 1, 10_000)
+        _range("latency.delay_min_s", self.delay_min_s, 0.0, 10.0)
+        _range("latency.delay_max_s", self.delay_max_s, self.delay_min_s, 30.0)
+        _range("latency.delay_window_s", self.delay_window_s, 0.48, 120.0)
+        _range("latency.delay_shrink_s", self.delay_shrink_s, 0.0, 0.48)
+        _range("latency.late_audio_s", self.late_audio_s, 0.02, 2.0)
+        _range("latency.pause_dbfs", self.pause_dbfs, -90.0, -10.0)
+        object.__setattr__(self, "generation_ladder", _generation_rungs(self.generation_ladder))
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -265,12 +340,14 @@ class StreamConfig:
     media: MediaConfig = field(default_factory=MediaConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     avatars: dict[str, str] = field(default_factory=dict)  # name -> image path
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @classmethod
     def parse(cls, raw: dict[str, Any], base_dir: Path | None = None) -> StreamConfig:
-        known = {"server", "webrtc", "media", "sessions", "websocket", "avatars", "engine"}
+        known = {"server", "webrtc", "media", "sessions", "websocket", "latency", "avatars",
+                 "engine"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"config has unknown section(s) {unknown}; accepted: {sorted(known)}")
@@ -296,6 +373,7 @@ class StreamConfig:
             media=_parse(MediaConfig, "media", raw.get("media")),
             sessions=_parse(SessionsConfig, "sessions", raw.get("sessions")),
             websocket=_parse(WebSocketConfig, "websocket", raw.get("websocket")),
+            latency=_parse(LatencyConfig, "latency", raw.get("latency")),
             avatars=avatars,
             engine=EngineConfig.parse(engine_raw),
         )

@@ -6,7 +6,8 @@ It keeps a conversation's latency bounded by trading picture for time, at two le
   704x384 -> 576x320 -> 448x256 at 4 steps -> 448x256 at 3 steps, from each block's compute time
   against its budget (0.48 s of media per block, shared by the sessions of one engine), how late
   the block's frames were, and the measured latency. It steps down fast (after `down_blocks`
-  bad blocks, straight to the first rung predicted to fit) and up slowly (after `up_blocks` good
+  bad blocks, or one block far over budget, straight to the first rung predicted to fit) and
+  up slowly (after `up_blocks` good
   blocks, and only if the rung above is predicted to fit with margin). A step up that has to be
   undone within `probe_blocks` doubles the wait before that rung is tried again, so a noisy
   trace cannot make it oscillate. Changes take effect at a block boundary (a new size re-prefills
@@ -79,11 +80,13 @@ DEFAULT_OUTPUT_LADDER = (
     OutputVariant(352, 192, 25, 350), OutputVariant(352, 192, 12.5, 200))
 
 
-def ladder_from(ladder: tuple[GenerationTier, ...], size: str) -> tuple[GenerationTier, ...]:
-    """The rungs at or below a session's requested size (its first rung is the request)."""
-    start = GenerationTier(size, ladder[0].steps if ladder else 4)
-    below = tuple(t for t in ladder if t.area < start.area
-                  or (t.area == start.area and t.steps < start.steps))
+def ladder_from(ladder: tuple[GenerationTier, ...], size: str,
+                steps: int | None = None) -> tuple[GenerationTier, ...]:
+    """The rungs below a session's requested tier (its first rung is the request): no larger
+    area, no more steps, and not the request itself. `steps` None: the ladder's first."""
+    start = GenerationTier(size, steps or (ladder[0].steps if ladder else 4))
+    below = tuple(t for t in ladder if t.area <= start.area and t.steps <= start.steps
+                  and (t.area, t.steps) != (start.area, start.steps))
     return (start, *below)
 
 
@@ -100,6 +103,7 @@ class GenerationConfig:
     up_load: float = 0.65  # a good block: the current rung runs below this load
     late_s: float = 0.04  # frames later than this (one frame) make a block bad
     down_blocks: int = 2  # consecutive bad blocks before stepping down
+    down_now_load: float = 1.5  # a block this far over budget steps down at once (not noise)
     up_blocks: int = 20  # consecutive good blocks before trying a rung up
     probe_blocks: int = 30  # a rung given up within this many blocks of reaching it failed
     max_backoff: int = 16  # the longest wait is up_blocks x this
@@ -107,9 +111,10 @@ class GenerationConfig:
     area_exponent: float = 1.0  # of the cost model: cost ~ steps x area ** this
 
     def __post_init__(self) -> None:
-        if not 0 < self.up_load < self.fit_load < self.down_load:
+        if not 0 < self.up_load < self.fit_load < self.down_load <= self.down_now_load:
             raise ValueError(f"need 0 < up_load ({self.up_load}) < fit_load ({self.fit_load}) "
-                             f"< down_load ({self.down_load})")
+                             f"< down_load ({self.down_load}) <= down_now_load "
+                             f"({self.down_now_load})")
         if self.down_blocks < 1 or self.up_blocks < 1 or self.probe_blocks < 1:
             raise ValueError("down_blocks, up_blocks and probe_blocks must be >= 1")
         if not 0 < self.smoothing <= 1:
@@ -194,10 +199,12 @@ class GenerationGovernor:
         good = (not r.setup) and load < cfg.up_load and r.late_s <= 0 and not latency_bad
         self._bad = self._bad + 1 if bad else 0
         self._good = self._good + 1 if good else 0
-        if self._bad >= cfg.down_blocks and self.index < len(self.ladder) - 1:
-            why = (f"latency {r.latency_s:.2f} s over {cfg.latency_target_s:.2f} s"
-                   if latency_bad else f"frames {r.late_s * 1000:.0f} ms late"
-                   if r.late_s > cfg.late_s else f"load {load:.2f} over {cfg.down_load:.2f}")
+        at_once = bad and load > cfg.down_now_load
+        if (self._bad >= cfg.down_blocks or at_once) and self.index < len(self.ladder) - 1:
+            why = (f"load {load:.2f} over {cfg.down_load:.2f}" if at_once or not (
+                latency_bad or r.late_s > cfg.late_s) else
+                f"latency {r.latency_s:.2f} s over {cfg.latency_target_s:.2f} s"
+                if latency_bad else f"frames {r.late_s * 1000:.0f} ms late")
             return self._step_down(r.budget_s, f"{why} for {self._bad} blocks")
         if self.index > 0 and self._good >= cfg.up_blocks * self._rungs[self.index - 1].backoff:
             above = self.predicted_cost(self.index - 1)
@@ -353,6 +360,11 @@ class PlayoutDelay:
     delay_s: float
     cfg: DelayConfig = field(default_factory=DelayConfig)
     _lags: deque[float] = field(default_factory=deque)
+
+    def forget(self) -> None:
+        """The pipeline changed (a new generation tier): the lags measured before it say
+        nothing of what comes; the delay stays where it is until new ones come in."""
+        self._lags.clear()
 
     def observe(self, ready_lag_s: float, can_shrink: bool) -> float:
         self._lags.append(ready_lag_s)

@@ -48,6 +48,10 @@ HELP = {
                             "real time).",
     "avatar_block_ready_lag_seconds": "Time from a block's media end to its frames reaching the "
                                       "server (the engine's share of the latency).",
+    "avatar_latency_seconds": "Per block, by stage: audio received -> block started (wait), "
+                              "-> decoded (compute), -> first frame encoded (buffer: playout "
+                              "delay and encoding), -> sent to a viewer (send); total: audio "
+                              "received -> sent.",
 }
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 

@@ -9,7 +9,9 @@ pacer on the clock, one encoder per output variant). A WebRTC viewer's RTCP feed
 along the ladder and asks its variant for keyframes (stream/media/feedback.py). Any peer that
 disconnects is torn down completely (its tasks cancelled and awaited, its tracks stopped and
 unsubscribed, its peer connection closed); the session itself ends on DELETE, idle timeout,
-maximum length, or an engine failure.
+maximum length, or an engine failure. Its `LatencyController` (stream/latency.py) governs the
+generation tier and the playout delay from every block, and accounts for each block's latency
+up to the first viewer it is sent to; generation-tier changes are announced to its sockets.
 """
 
 from __future__ import annotations
@@ -32,14 +34,17 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from engine.api import AudioChunk, FrameBlock
 from stream.config import StreamConfig
 from stream.errors import ApiError
-from stream.governor import OutputGovernor
+from stream.governor import GenerationTier, OutputGovernor, TierChange
+from stream.latency import EngineControl, GenerationChange, LatencyController
 from stream.media.audio_in import AudioInput
+from stream.media.consumer import MediaPacket
 from stream.media.fanout import SessionMedia
 from stream.media.feedback import ViewerFeedback
 from stream.media.timeline import FrameStore, MediaClock, PlayoutAudio, PlayoutOverflow
 from stream.media.tracks import AvatarAudioTrack, AvatarVideoTrack
 from stream.media.ts_feed import TsFeed
 from stream.media.utterances import CutEngine, SpeechSource
+from stream.metrics import Metrics
 from stream.webrtc import (
     PeerConnection,
     answer_offer,
@@ -52,6 +57,20 @@ from stream.webrtc import (
 log = logging.getLogger(__name__)
 
 DISCONNECT_GRACE_S = 5.0  # a "disconnected" peer gets this long to come back
+
+
+class _NoEngine:
+    """Engine control of a session made without one (unit tests): tier changes are refused."""
+
+    def set_tier(self, size: str | None, steps: int | None,
+                 on_done: Callable[[BaseException | None], None]) -> None:
+        on_done(NotImplementedError("this session has no engine to change tier"))
+
+    def set_playout_delay(self, seconds: float) -> None:
+        pass
+
+    def sharing(self) -> int:
+        return 1
 
 
 @dataclass
@@ -96,6 +115,10 @@ class Socket(Protocol):
 
     async def aclose(self, code: int, reason: str) -> None: ...
 
+    def generation_changed(self, change: GenerationChange) -> None:
+        """The session's generation tier changed (the socket says so: `tier.changed`)."""
+        ...
+
 
 @dataclass
 class SessionStats:
@@ -113,7 +136,8 @@ class Session:
                  push_audio: Callable[[AudioChunk], None], close_engine: Callable[[], None],
                  on_closed: Callable[[Session], Awaitable[None]] | None = None,
                  avatar: dict[str, Any] | None = None,
-                 cut_audio: CutEngine | None = None):
+                 cut_audio: CutEngine | None = None, engine: EngineControl | None = None,
+                 metrics: Metrics | None = None, tier: GenerationTier | None = None):
         self.id = sid
         self.token = token  # scope "call": the speaker's page and the backend
         self.viewer_token = viewer_token  # scope "view": viewer, OBS and MPEG-TS links
@@ -125,12 +149,21 @@ class Session:
         self.executor = executor
         self.created = time.monotonic()
         self.last_activity = self.created
-        # frames from the playout delay plus two blocks of slack; 10 s of playout audio
-        self.frames = FrameStore(capacity=int((clock.delay + 1.0) * 25) + 24)
-        self.playout = PlayoutAudio(seconds=clock.delay + 10.0, clock=clock)
-        self.audio_in = AudioInput(clock, push_audio, self.playout)
+        lat = cfg.latency
+        longest = max(clock.delay, lat.delay_max_s)  # the playout delay may grow to this
+        # frames from the longest playout delay plus two blocks of slack; 10 s more of audio
+        self.frames = FrameStore(capacity=int((longest + 1.0) * 25) + 24)
+        self.playout = PlayoutAudio(seconds=longest + 10.0, clock=clock)
+        self.audio_in = AudioInput(clock, push_audio, self.playout, resync_s=lat.late_audio_s)
         self.media = SessionMedia(clock, self.frames, self.playout, cfg.media, executor, sid,
-                                  size, on_failure=lambda exc: self.fail("encoder", exc))
+                                  size, on_failure=lambda exc: self.fail("encoder", exc),
+                                  pause_dbfs=lat.pause_dbfs)
+        self.metrics = metrics
+        start = tier or GenerationTier(cfg.sessions.default_size, cfg.engine.sampling.steps)
+        self.latency = LatencyController(
+            sid, lat, clock, self.media.pacer, self.audio_in.arrived, engine or _NoEngine(),
+            metrics, start.size, start.steps, cfg.media.playout_margin_s,
+            on_change=self._generation_changed)
         self.ts: TsFeed | None = None  # the MPEG-TS feed, made for the first stream.ts reader
         self.speech: SpeechSource | None = None  # made when a bot's socket first connects
         self._cut_audio = cut_audio
@@ -156,6 +189,15 @@ class Session:
         self.stats.blocks += 1
         self.stats.silent_blocks += int(block.silent_samples > 0)
         self.stats.block_seconds.append(block.timings.total)
+        self.latency.on_block(block, time.monotonic())
+
+    def _generation_changed(self, change: GenerationChange) -> None:
+        for socket in list(self.sockets.values()):
+            socket.generation_changed(change)
+
+    def _output_changed(self, change: TierChange) -> None:
+        if self.metrics is not None:
+            self.metrics.inc("avatar_tier_changes_total", kind="output", reason="governor")
 
     def on_engine_error(self, exc: BaseException) -> None:
         self.fail("engine", exc)
@@ -266,13 +308,14 @@ class Session:
         pc = PeerConnection(rtc_configuration(self.cfg.webrtc),
                             on_failure=lambda: self._spawn(self.remove_peer(pid),
                                                            f"drop-{self.id}-{pid}"))
-        video = AvatarVideoTrack(self.media, f"{kind}-{pid}", on_sent=self._count_frame)
+        video = AvatarVideoTrack(self.media, f"{kind}-{pid}", on_sent=self.frame_sent)
         audio = AvatarAudioTrack(self.media, f"{kind}-{pid}-audio")
         if "audio" in kinds:  # a track the offer has no section for would break aiortc
             pc.addTrack(audio)
         sender = pc.addTrack(video)
         governor = OutputGovernor(self.media.ladder) if self.cfg.media.adapt_variants else None
-        feedback = ViewerFeedback(video, sender, governor, f"{self.id}/{pid}")
+        feedback = ViewerFeedback(video, sender, governor, f"{self.id}/{pid}",
+                                  on_change=self._output_changed)
         peer = Peer(pid, kind, pc, video, audio, feedback)
         prefer_codecs(pc, "video", self.cfg.webrtc.video_codecs)
         if kind == "caller":
@@ -298,8 +341,10 @@ class Session:
         self.log.info("%s peer %s connected (video %s)", kind, pid, peer.codec)
         return peer, answer
 
-    def _count_frame(self, n: int) -> None:
+    def frame_sent(self, packet: MediaPacket) -> None:
+        """A viewer's track handed a video frame to its connection."""
         self.stats.frames_sent += 1
+        self.latency.frame_sent(packet)
 
     def _on_remote_track(self, peer: Peer, track: MediaStreamTrack) -> None:
         peer.remote_tracks.append(track)
@@ -402,6 +447,7 @@ class Session:
             "blocks": self.stats.blocks, "silent_blocks": self.stats.silent_blocks,
             "frames_sent": self.stats.frames_sent,
             "audio_in_seconds": round(self.audio_in.samples_in / 16000, 2),
+            **self.latency.figures(),
             "avatar": self.avatar,
             "output": {"ladder": [v.name for v in self.media.ladder],
                        "peers": {p.id: {"kind": p.kind, "codec": p.codec,

@@ -1,6 +1,7 @@
 // The speaker's page: sends the microphone, shows the avatar (audio muted by default).
 import {
-  api, createSession, params, readStats, showEngineBadge, showStats, waitForIceGathering,
+  api, createSession, params, readStats, showEngineBadge, showServerStats, showStats,
+  waitForIceGathering,
 } from './common.js';
 
 const $ = (id) => document.getElementById(id);
@@ -70,11 +71,27 @@ async function start() {
       window.avatarStats.viewerLink = link;
     }
     $('hangup').disabled = false;
+    if (params.get('probe')) {  // glass-to-glass marks (`avatar latency-probe`)
+      const { startProbe } = await import('./probe.js');
+      await startProbe(video, mic);
+    }
+    let server = null;  // the session's own figures: generation tier, latency by stage
     timers.push(setInterval(async () => {
-      const s = await readStats(pc, session.playout_delay_ms);
+      const s = await readStats(pc, server ? server.playout_delay_ms : session.playout_delay_ms);
       Object.assign(window.avatarStats, s);
       showStats($('stats'), s);
+      showServerStats($('server-stats'), server);
     }, 1000));
+    timers.push(setInterval(async () => {
+      try {
+        const r = await fetch(`/v1/sessions/${sid}`, {
+          headers: { Authorization: `Bearer ${token}` } });
+        if (r.ok) {
+          server = await r.json();
+          window.avatarStats.server = { latency: server.latency, generation: server.generation };
+        }
+      } catch (e) { /* the next poll will tell */ }
+    }, 2000));
     timers.push(setInterval(async () => {  // keep the session alive while the page is open
       try {
         const r = await fetch(`/v1/sessions/${sid}/keepalive`, { method: 'POST',

@@ -77,6 +77,23 @@ export function showStats(el, s) {
     `latency ${fmt(s.latencyMs, ' ms')} · A/V ${fmt(s.avOffsetMs, ' ms')} · ${s.codec}`;
 }
 
+// The server's side of the overlay (the session's info): the generation tier the latency
+// governor runs at and its last change, and the latency by stage (docs/latency.md).
+export function showServerStats(el, info) {
+  if (!el) return;
+  if (!info || !info.generation || !info.latency) { el.textContent = ''; return; }
+  const g = info.generation, l = info.latency, st = l.stages_ms || {};
+  const ms = (v) => (v === null || v === undefined ? '–' : `${v}`);
+  let text = `tier ${g.width}×${g.height}/${g.steps} steps` +
+    (g.governor ? ` (governor, ${g.changes} change${g.changes === 1 ? '' : 's'})` : '') +
+    ` · server ${ms(st.total)} ms = wait ${ms(st.wait)} + compute ${ms(st.compute)} + ` +
+    `buffer ${ms(st.buffer)} + send ${ms(st.send)} · delay ${ms(l.target_delay_ms)} ms`;
+  if (l.skipped_blocks) text += ` · ${l.skipped_blocks} blocks skipped`;
+  if (g.last_change) text += ` · last: ${g.last_change.from} → ${g.last_change.to}`;
+  el.textContent = text;
+  el.title = g.last_change ? g.last_change.reason : '';
+}
+
 // Label what is generating the video: the preview engine (no model) or random weights (real
 // engine, no checkpoint: noise). `engine` is the session info's engine object.
 export function showEngineBadge(element, engine) {

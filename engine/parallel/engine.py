@@ -40,6 +40,7 @@ import numpy as np
 from engine.api import (
     FRAMES_PER_BLOCK,
     AudioChunk,
+    BlockCost,
     BlockTimings,
     EngineHealth,
     FrameBlock,
@@ -81,8 +82,9 @@ class PipelineBlock:
     """A block submitted to the pipeline (an `engine.api.PendingBlock`)."""
 
     def __init__(self, sid: str, index: int, first_frame: int, silent: int, expected: int,
-                 timeout_s: float):
+                 timeout_s: float, tier: Tier | None = None):
         self.sid = sid
+        self.tier = tier
         self.timeout_s = timeout_s
         self.index = index
         self.first_frame = first_frame
@@ -133,7 +135,9 @@ class PipelineBlock:
         timings = BlockTimings(features=features, denoise=sum(steps), decode=f.decode,
                                total=time.perf_counter() - self.started, steps=steps,
                                postprocess=f.postprocess, busy=max(busy.values(), default=0.0))
-        self._block = FrameBlock(self.index, self.first_frame, f.frames, timings, self.silent)
+        self._block = FrameBlock(self.index, self.first_frame, f.frames, timings, self.silent,
+                                 tier=None if self.tier is None else (self.tier.size,
+                                                                      self.tier.steps))
         self._event.set()
         return True
 
@@ -206,7 +210,7 @@ class ParallelSession:
             self._encode(plan.generation, plan.tier)
         window = self.audio.window(first, FRAMES_PER_BLOCK)
         pending = PipelineBlock(self.sid, plan.index, first, silent, self.engine.layout.dit_ranks,
-                                self.engine.block_timeout_s)
+                                self.engine.block_timeout_s, plan.tier)
         self.engine.track(pending)
         if self.group.down:  # it failed between our check and now: nobody else will say so
             pending.fail(self.failed or GroupFailed("the GPU group failed"))
@@ -297,6 +301,7 @@ class ParallelEngine:
         self._reports: dict[int, dict[str, Any]] = {}
         self._report_event = threading.Event()
         self.restarts = 0
+        self._block_cost: BlockCost | None = None  # measured by the first warm-up
 
     @classmethod
     def load(cls, config: EngineConfig, progress: ProgressFn | None = None,
@@ -330,7 +335,9 @@ class ParallelEngine:
             log.info("the group's memory holds %d session(s) at max_size %s", fit,
                      self.config.max_size)
             self.max_sessions = fit
-        if self.config.compile:
+        on_gpu = all(r.device.startswith("cuda") for r in group.ready.values())
+        # (a CPU group, as in tests, is never real time: calibrating it only delays start-up)
+        if self.config.compile or (self.config.calibrate and on_gpu and self._block_cost is None):
             self.warm_up(group)
         with self._lock:
             if group is self._group and not group.down:
@@ -467,25 +474,35 @@ class ParallelEngine:
         self.layout.check_steps(steps)
 
     def warm_up(self, group: RankGroup) -> float:
-        """One throw-away session at max_size until its rings are full, so that every graph
-        torch.compile needs exists on every rank before the first real session (minutes on a
-        cold cache). Returns the seconds it took."""
+        """One throw-away session at max_size, timed: its last block's critical path (the
+        busiest rank's) is the engine's `block_cost`. With compile it runs until its rings are
+        full and one block more, so that every graph torch.compile needs exists on every rank
+        before the first real session (minutes on a cold cache); without, two blocks (a short
+        calibration, as `engine.wan_engine.WanEngine.warm_up`). Returns the seconds it took."""
         start = time.monotonic()
         cfg = self.stream_config
-        blocks = cfg.ring_frames // cfg.block_frames + 1
+        blocks = cfg.ring_frames // cfg.block_frames + 2 if self.config.compile else 2
         w, h = parse_size(self.config.max_size)
-        log.info("warming up (compiling) the group at %dx%d: %d blocks", w, h, blocks)
+        log.info("warming up the group at %dx%d%s: %d blocks", w, h,
+                 " (compiling)" if self.config.compile else "", blocks)
         session = self._open(group, SessionParams(image=draw_default_face(w, h),
                                                   size=self.config.max_size))
         try:
             pending = [session.submit_block(pad_silence=True) for _ in range(blocks)]
-            for p in pending:
-                p.result()
+            busy = [p.result().timings.busy for p in pending]
         finally:
             session.close()
+        self._block_cost = BlockCost(self.config.max_size, self.config.sampling.steps,
+                                     busy[-1])
         took = time.monotonic() - start
-        log.info("group warm-up done in %.1f s", took)
+        log.info("group warm-up done in %.1f s: a block at %s takes %.3f s of the busiest "
+                 "rank (real time: 0.48 s)", took, self.config.max_size,
+                 self._block_cost.seconds)
         return took
+
+    def block_cost(self) -> BlockCost | None:
+        """What a block costs the pipeline at max_size, from the first warm-up (or None)."""
+        return self._block_cost
 
     def open_session(self, params: SessionParams) -> ParallelSession:
         with self._lock:

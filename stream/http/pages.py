@@ -8,9 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.api import engine_health
+from engine.api import SessionParams, engine_block_cost, engine_health
 from stream.http.state import server_of
 from stream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from stream.sessions import capacity as capacity_of
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "client" / "web"
 
@@ -42,23 +43,36 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"ready": False, "status": health.status,
                                   "error": health.detail, "engine": engine.name,
                                   "sessions": runtime.active}, status=503)
-    capacity = max(0, runtime.max_sessions - runtime.active)
+    load = runtime.load()
+    cost = engine_block_cost(engine)
+    # the tiers a session of the default size may run at, and how many more fit at each
+    fits = capacity_of(cost, srv.manager.rungs(SessionParams(size=srv.cfg.sessions.default_size)),
+                       load, runtime.max_load, max(0, runtime.max_sessions - runtime.active))
     stalled = runtime.stalled_for()
     alive = runtime.alive and stalled <= srv.cfg.sessions.engine_watchdog_s
+    # an engine too slow for one real-time session even at the cheapest tier cannot serve
+    too_slow = bool(fits["tiers"]) and fits["tiers"][-1]["load"] > runtime.max_load
+    ready = alive and not too_slow
     body: dict[str, Any] = {
-        "ready": alive, "status": "ready" if alive else "stuck", "engine": engine.name,
-        "preview": engine.name == "preview",
+        "ready": ready, "status": "stuck" if not alive else "too_slow" if too_slow else "ready",
+        "engine": engine.name, "preview": engine.name == "preview",
         "random_weights": bool(getattr(engine, "random_weights", False)),
         "description": engine.description,
-        "sessions": runtime.active, "capacity": capacity if alive else 0,
-        "load": round(runtime.load(), 3),
+        "sessions": runtime.active, "capacity": fits["sessions"] if ready else 0,
+        "load": round(load, 3), "block_cost": fits["measured"], "tiers": fits["tiers"],
     }
     if not alive:  # the watchdog: sessions are running but no block has come out
         limit = srv.cfg.sessions.engine_watchdog_s
         body["error"] = ("the engine thread has stopped" if not runtime.alive else
                          f"no block done for {stalled:.1f} s while {runtime.active} sessions "
                          f"run (sessions.engine_watchdog_s = {limit})")
-    return web.json_response(body, status=200 if alive else 503)
+    elif too_slow:
+        cheapest = fits["tiers"][-1]
+        body["error"] = (f"a block takes {cheapest['block_ms']} ms even at the cheapest tier "
+                         f"({cheapest['tier']}), {cheapest['load']:.0%} of real time: no "
+                         "session can run in real time (use a faster GPU, more GPUs through "
+                         "[engine] layout, or a cheaper [latency] generation_ladder)")
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

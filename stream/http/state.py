@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -72,7 +72,7 @@ class Server:
                 self.engine = await loop.run_in_executor(
                     None, functools.partial(create_engine, self.cfg.engine, ProgressPrinter()))
             engine = self.engine
-            runtime = start_runtime(engine, loop)
+            runtime = start_runtime(engine, loop, self.cfg.latency.late_audio_s)
             self.manager = SessionManager(self.cfg, engine, runtime, self.auth, self.executor,
                                           self.metrics)
             self.manager.start()
@@ -103,6 +103,22 @@ class Server:
         m.gauge("avatar_engine_load", "Measured engine load (1 = real time).", runtime.load)
         m.gauge("avatar_engine_skipped_blocks", "Blocks skipped to catch up.",
                 lambda: runtime.stats.skipped_blocks)
+
+        def per_session(read: Callable[[Session], float]) -> Iterator[tuple[Labels, float]]:
+            for sid, s in list(sessions.items()):
+                yield {"session": sid}, read(s)
+
+        for name, text, read in (
+                ("avatar_session_playout_delay_seconds", "Each session's playout delay now "
+                 "(it follows the measured pipeline, changed at pauses).",
+                 lambda s: s.clock.delay),
+                ("avatar_session_generation_rung", "Each session's rung of its generation "
+                 "ladder (0: the tier it asked for).",
+                 lambda s: s.latency.ladder.index(s.latency.tier)),
+                ("avatar_session_skipped_blocks", "Blocks the engine skipped for each session "
+                 "so as not to fall behind its presentation.",
+                 lambda s: s.latency.skipped_blocks)):
+            m.family(name, text, "gauge", functools.partial(per_session, read))
 
         def variants(field: str) -> Iterator[tuple[Labels, float]]:
             for sid, s in list(sessions.items()):

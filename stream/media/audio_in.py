@@ -5,8 +5,13 @@ and to 48 kHz for playout; channels are then averaged (FFmpeg's own downmix woul
 stereo microphone whose channels are equal, and clip loud speech). Both are stamped on the session
 clock: the first chunk lands at the media time it arrives and later chunks follow contiguously. A
 source that falls more than `resync_s` behind real time (it paused, or packets were lost) is
-re-anchored at the present: the gap is silence. A source ahead of real time (a burst after a
-stall) stays contiguous: its audio is played when its time comes. Audio is never dropped here.
+re-anchored at the present: the gap is silence. `resync_s` is the runtime's grace for late
+audio ([latency] late_audio_s, one setting): audio up to that late is still waited for by its
+block, so it keeps its place; later audio would find its block made as silence, and starts
+afresh at the present instead (never speech played over a silent block). A source ahead of real
+time (a burst after a stall) stays contiguous: its audio is played when its time comes. Audio
+is never dropped here. When each chunk arrived is kept for a while (`arrived`): the latency
+accounting starts there.
 
 A resampler holds back a millisecond or so of its input (its filter delay). A source that stops
 (a bot's utterance ends) calls `flush`, which emits that tail where it belongs; `engine_end` and
@@ -15,7 +20,9 @@ A resampler holds back a millisecond or so of its input (its filter delay). A so
 
 from __future__ import annotations
 
+import bisect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +35,34 @@ from stream.media.timeline import PLAYOUT_RATE, MediaClock, PlayoutAudio
 log = logging.getLogger(__name__)
 
 PLAYOUT_PER_ENGINE = PLAYOUT_RATE // SAMPLE_RATE  # 3
+ARRIVALS_KEPT = 1024  # chunks whose arrival time is kept (20 s of 20 ms packets)
+
+
+class Arrivals:
+    """When the audio of each engine sample reached the server: (start sample, time) of the
+    chunks given, in order, the newest ARRIVALS_KEPT of them."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._times: list[float] = []
+
+    def record(self, start: int, count: int, when: float) -> None:
+        if self._starts and start < self._ends[-1]:
+            return  # (never happens: input audio only moves forward)
+        self._starts.append(start)
+        self._ends.append(start + count)
+        self._times.append(when)
+        if len(self._starts) > 2 * ARRIVALS_KEPT:
+            del self._starts[:ARRIVALS_KEPT], self._ends[:ARRIVALS_KEPT]
+            del self._times[:ARRIVALS_KEPT]
+
+    def at(self, sample: int) -> float | None:
+        """When engine sample `sample` arrived (None: it never did, or too long ago)."""
+        i = bisect.bisect_right(self._starts, sample) - 1
+        if i < 0 or sample >= self._ends[i]:
+            return None
+        return self._times[i]
 
 
 @dataclass
@@ -55,6 +90,7 @@ class AudioInput:
         self._next_playout = 0  # next playout sample index (48 kHz)
         self.samples_in = 0  # engine samples received
         self.resyncs = 0
+        self.arrived = Arrivals()
 
     # 1. where the audio is -------------------------------------------------------------------
 
@@ -146,6 +182,7 @@ class AudioInput:
     def _emit(self, engine: np.ndarray, playout: np.ndarray) -> None:
         assert self._next is not None, "anchored before the first emit"
         if len(engine):
+            self.arrived.record(self._next, len(engine), time.monotonic())
             self.to_engine(AudioChunk(engine, self._next))
             self._next += len(engine)
             self.samples_in += len(engine)

@@ -37,12 +37,21 @@ class MediaPacket:
     keyframe: bool = True
     discontinuity: bool = False  # video frames were dropped (for this consumer) before this one
     repeated: bool = False  # the picture is an older frame again (the engine was late)
-    sample: int | None = None  # audio: the 48 kHz index of its first sample (exact timing)
+    # audio: the 48 kHz index of its first sample on the output timeline (exact timing; for
+    # PCM, which follows media time, its media sample)
+    sample: int | None = None
+    out_index: int | None = None  # video: its frame on the output timeline (None: index)
+    encoded_at: float = 0.0  # time.monotonic() the encoder made it (latency accounting)
 
     @property
     def index(self) -> int:
         """The media frame index of a video packet (pts_ms is a multiple of 40)."""
         return self.pts_ms // FRAME_MS
+
+    @property
+    def out(self) -> int:
+        """A video packet's frame on the output timeline (what RTP and MPEG-TS count)."""
+        return self.index if self.out_index is None else self.out_index
 
 
 class MediaConsumer:

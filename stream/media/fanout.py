@@ -53,14 +53,16 @@ class SessionMedia:
     def __init__(self, clock: MediaClock, frames: FrameStore, playout: PlayoutAudio,
                  media: MediaConfig, executor: Executor, name: str,
                  size: tuple[int, int] | None = None,
-                 on_failure: Callable[[BaseException], None] | None = None):
+                 on_failure: Callable[[BaseException], None] | None = None,
+                 pause_dbfs: float = -40.0):
         self.media = media
         self.on_failure = on_failure  # an encoder that keeps failing: the session ends
         self.executor = executor
         self.name = name
         self.size = size
         self.ladder: tuple[OutputVariant, ...] = ladder_for(media.variants, size) if size else ()
-        self.pacer = FramePacer(clock, frames, playout, name=f"pacer-{name}")
+        self.pacer = FramePacer(clock, frames, playout, name=f"pacer-{name}",
+                                pause_dbfs=pause_dbfs)
         self.variants: dict[VariantKey, VideoVariant] = {}
         self.audio: dict[str, AudioVariant] = {}
         self._pcm: set[MediaConsumer] = set()
@@ -87,7 +89,9 @@ class SessionMedia:
             variant.on_tick(tick)
         for encoder in self.audio.values():
             encoder.on_tick(tick)
-        if self._pcm:
+        # PCM follows media time (a socket's audio is gap-free in media time): a tick of
+        # silence the pacer inserts is not media; a media frame it drops still is
+        if self._pcm and not tick.inserted:
             packet = MediaPacket("audio", tick.pts_ms, 1000 // FPS, tick.audio.tobytes(),
                                  sample=tick.index * SAMPLES_PER_VIDEO_FRAME)
             for consumer in list(self._pcm):
@@ -168,7 +172,8 @@ class SessionMedia:
         pacer = self.pacer
         return {
             "pacer": {"ticks": pacer.ticks, "jumps": pacer.jumps, "skipped": pacer.skipped,
-                      "repeated": pacer.repeated},
+                      "repeated": pacer.repeated, "inserted": pacer.inserted,
+                      "dropped": pacer.dropped},
             "variants": [v.figures() for v in self.variants.values()],
             "audio": [a.figures() for a in self.audio.values()],
             "consumers": [{"name": c.name, "kind": c.kind,

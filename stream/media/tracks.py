@@ -71,7 +71,7 @@ class AvatarVideoTrack(_ConsumerTrack):
     kind = "video"
 
     def __init__(self, media: SessionMedia, name: str = "video",
-                 on_sent: Callable[[int], None] | None = None):
+                 on_sent: Callable[[MediaPacket], None] | None = None):
         super().__init__(media, name, "webrtc")
         self.on_sent = on_sent
         self.codec = "VP8"  # set to the negotiated codec before the connection starts
@@ -94,10 +94,10 @@ class AvatarVideoTrack(_ConsumerTrack):
     async def recv(self) -> av.Packet:
         packet = await self._next()
         out = av.Packet(packet.data)
-        out.pts = packet.index
+        out.pts = packet.out  # RTP timestamps follow the output timeline
         out.time_base = VIDEO_TIME_BASE
         if self.on_sent is not None:
-            self.on_sent(packet.index)
+            self.on_sent(packet)
         return out
 
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TsChunk:
     data: bytes
-    media_s: float  # media time of the packet it carries
+    media_s: float  # output-timeline time of the packet it carries
     keyframe: bool  # starts with PAT/PMT and a video keyframe: a reader may start here
 
 
@@ -145,9 +145,10 @@ class TsFeed:
                 for r in self.readers.values()]
 
     def _mux(self, packet: MediaPacket) -> TsChunk:
-        if packet.kind == "video":
-            data = self._muxer.video(packet.data, ms_to_clock(packet.pts_ms), packet.keyframe)
-            return TsChunk(data, packet.pts_ms / 1000, packet.keyframe)
+        if packet.kind == "video":  # timestamps on the output timeline, like the audio's
+            out_ms = packet.out * 1000 // FPS
+            data = self._muxer.video(packet.data, ms_to_clock(out_ms), packet.keyframe)
+            return TsChunk(data, out_ms / 1000, packet.keyframe)
         sample = packet.sample if packet.sample is not None else packet.pts_ms * 48
         data = self._muxer.audio(packet.data, samples_to_clock(sample, PLAYOUT_RATE))
         return TsChunk(data, sample / PLAYOUT_RATE, False)

@@ -284,7 +284,8 @@ class VideoVariant:
                 # whoever asked while this one was made gets it: no second keyframe for them
                 self.keyframe_requests.served()
             packet = MediaPacket("video", tick.pts_ms, duration, out.data, self.key.codec,
-                                 out.keyframe, repeated=tick.repeated)
+                                 out.keyframe, repeated=tick.repeated, out_index=tick.out_index,
+                                 encoded_at=time.monotonic())
             for consumer in list(self.consumers):
                 consumer.offer_video(packet)
 
@@ -294,7 +295,7 @@ class VideoVariant:
         if self._encoder is None:
             self._encoder = self._make_encoder()
         rgb = tick.rgb if tick.rgb is not None else self._black  # before the first frame
-        out = self._encoder.encode(rgb, tick.index, keyframe=keyframe)
+        out = self._encoder.encode(rgb, tick.out_index, keyframe=keyframe)
         return out, time.perf_counter() - start
 
     def _make_encoder(self) -> VideoEncoder:
@@ -360,7 +361,9 @@ class AudioVariant:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
 
     def on_tick(self, tick: Tick) -> None:
-        self._pending.append((tick.index, tick.audio))
+        if tick.dropped:  # left the output timeline (the delay shrank at a pause)
+            return
+        self._pending.append((tick.out_index, tick.audio))
         self.backlog_max = max(self.backlog_max, len(self._pending))
         self._wake.set()
 

@@ -33,6 +33,7 @@ from aiohttp import WSMsgType, web
 
 from stream.config import WebSocketConfig
 from stream.errors import ApiError
+from stream.latency import GenerationChange
 from stream.media.fanout import MediaConsumer, SessionMedia, VariantKey
 from stream.media.timeline import PLAYOUT_RATE
 from stream.metrics import Metrics
@@ -366,9 +367,20 @@ class BotSocket:
                                       "stats_interval_ms": round(self.stats_interval * 1000),
                                       "client_event_id": message.event_id})
         if output != previous:
-            self.emit("tier.changed", {"output": asdict(output), "previous": asdict(previous),
-                                       "reason": "client"})
+            self.emit("tier.changed", {"kind": "output", "output": asdict(output),
+                                       "previous": asdict(previous), "reason": "client"})
             self.metrics.inc("avatar_tier_changes_total", kind="output", reason="client")
+
+    def generation_changed(self, change: GenerationChange) -> None:
+        """The latency governor moved the session's generation tier: this socket's output is
+        what it was (frames are scaled to it), the picture behind it is not."""
+        output = asdict(self.output)
+        self.emit("tier.changed", {
+            "kind": "generation", "output": output, "previous": output, "reason": "governor",
+            "generation": {"size": change.tier.size, "steps": change.tier.steps},
+            "previous_generation": {"size": change.previous.size,
+                                    "steps": change.previous.steps},
+            "message": change.reason})
 
     def _output(self, req: dict[str, Any]) -> Output:
         sw, sh = self.session.size
@@ -424,6 +436,7 @@ class BotSocket:
                 await self._send(self.ws.send_bytes(data), len(data))
                 if packet.kind == "video":
                     self.video_frames += 1
+                    self.session.latency.frame_sent(packet)
                 else:
                     self.audio_slices += 1
             else:
@@ -475,6 +488,7 @@ class BotSocket:
         session = self.session
         speech = session.speech_source().figures()
         compute = session.stats.block_seconds
+        governed = session.latency.figures()
         return {
             **{k: speech[k] for k in ("queued_ms", "ahead_ms", "released_ms", "dropped_ms",
                                       "utterances")},
@@ -484,7 +498,8 @@ class BotSocket:
             "latency": {"playout_delay_ms": round(session.clock.delay * 1000),
                         "t_first_frame_ms": speech["t_first_frame_ms"],
                         "block_compute_ms": round(sum(compute) / len(compute) * 1000)
-                        if compute else None},
+                        if compute else None, **governed["latency"]},
+            "generation": governed["generation"],
             "socket": {"video_frames": self.video_frames,
                        "video_dropped": self.consumer.video_dropped,
                        "audio_ms": self.audio_slices * 40, "bytes_sent": self.bytes_sent,

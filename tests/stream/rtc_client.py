@@ -157,10 +157,13 @@ class Client:
                 await task
 
 
-async def call(http: ClientSession, session: dict, signal: np.ndarray | None = None) -> Client:
-    """Connect as the caller: the synthetic mic goes in, the avatar comes back."""
+async def call(http: ClientSession, session: dict, signal: np.ndarray | None = None,
+               mic: SignalTrack | None = None) -> Client:
+    """Connect as the caller: the synthetic mic (`mic`, or one playing `signal`) goes in, the
+    avatar comes back."""
     client = Client()
-    mic = SignalTrack(signal if signal is not None else bursts(10.0))
+    if mic is None:
+        mic = SignalTrack(signal if signal is not None else bursts(10.0))
     client.pc.addTrack(mic)
     client.pc.addTransceiver("video", direction="recvonly")
     _patch_receivers(client.pc, client.reports)

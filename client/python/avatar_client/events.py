@@ -79,13 +79,22 @@ class Stats(Event):
     latency: dict[str, Any] = field(default_factory=dict)
     socket: dict[str, int] = field(default_factory=dict)
     viewers: dict[str, int] = field(default_factory=dict)
+    generation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class TierChanged(Event):
+    """kind "output": this socket's media changed (reason "client"); kind "generation": the
+    server's latency governor moved the session's generation tier (reason "governor"), given
+    in `generation` ({size, steps}) and `previous_generation`, with its reason in `message`."""
+
+    kind: str = "output"
     output: dict[str, Any] = field(default_factory=dict)
     previous: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
+    generation: dict[str, Any] | None = None
+    previous_generation: dict[str, Any] | None = None
+    message: str = ""
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ SCENARIO: list[tuple[str, object]] = [
 
 def tiny_config(ckpt, **kw) -> EngineConfig:  # noqa: ANN001
     """The tiny checkpoint (LoRA alpha 2, as `tiny_models` loads it), with the group's waits
-    bounded for tests."""
-    kw = {"group_start_timeout_s": 120.0, "receive_timeout_s": 30.0, **kw}
+    bounded for tests and no calibrating warm-up (its figure is not what these tests check)."""
+    kw = {"group_start_timeout_s": 120.0, "receive_timeout_s": 30.0, "calibrate": False, **kw}
     return EngineConfig(checkpoint=str(ckpt), lora_alpha=2.0, **kw)
 
 
