@@ -18,8 +18,8 @@ DATA = REPO / "tests" / "data"
 REALTIME_DIRS = ("tests/stream", "tests/client")
 # ...and of those, the long ones whose figures a busy CPU would blur run last, in this order: by
 # then the other worker has usually finished the engine's tests and the machine is theirs
-RUN_LAST = ("test_soak.py", "test_ws_flow.py", "test_latency_probe.py", "test_avsync.py",
-            "test_latency_e2e.py")
+RUN_LAST = ("test_soak.py", "test_ws_flow.py", "test_late_audio.py", "test_latency_probe.py",
+            "test_avsync.py", "test_latency_e2e.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
