@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 from collections.abc import Callable
@@ -110,7 +111,42 @@ def check_offer_sdp(sdp: object) -> str:
                        "contain media sections ('m=' lines)")
     if not re.search(r"\nm=(audio|video) ", text):
         raise ApiError(400, "malformed_sdp", "the offer has neither an audio nor a video section")
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.startswith("a=candidate:"):
+            problem = candidate_problem(line[len("a=candidate:"):])
+            if problem:
+                raise ApiError(400, "malformed_sdp", f"line {number} ({line[:80]!r}): {problem}")
     return sdp
+
+
+CANDIDATE_TYPES = ("host", "srflx", "prflx", "relay")
+
+
+def candidate_problem(value: str) -> str | None:
+    """What is wrong with an ICE candidate ('foundation component transport priority address
+    port typ type ...'), or None. Checked before aioice sees it: an address it cannot send to
+    (a port past 65535, a name that is not a hostname) fails inside its socket's sendto, which
+    asyncio reports as a fatal error of the whole transport, not as a bad candidate."""
+    fields = value.split()
+    if len(fields) < 8 or fields[6] != "typ":
+        return "a candidate needs 'foundation component transport priority address port typ type'"
+    component, transport, priority, address, port, kind = (fields[1], fields[2], fields[3],
+                                                           fields[4], fields[5], fields[7])
+    if not (component.isdigit() and priority.isdigit() and port.isdigit()):
+        return "component, priority and port must be whole numbers"
+    if not 0 <= int(port) <= 65535:
+        return f"port {port} is out of 0..65535"
+    if transport.lower() not in ("udp", "tcp"):
+        return f"transport {transport!r} is not udp or tcp"
+    if kind not in CANDIDATE_TYPES:
+        return f"candidate type {kind!r} is not one of {', '.join(CANDIDATE_TYPES)}"
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        # browsers hide host addresses behind mDNS names (RFC 8445 / draft-ietf-mmusic-mdns)
+        if not re.fullmatch(r"[A-Za-z0-9-]{1,63}\.local", address):
+            return f"address {address[:64]!r} is neither an IP address nor an mDNS .local name"
+    return None
 
 
 def offered_kinds(sdp: str) -> set[str]:

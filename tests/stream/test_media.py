@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from fractions import Fraction
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from engine.api import AudioChunk, FrameBlock
+from stream.errors import ApiError
 from stream.media.audio_in import AudioInput
 from stream.media.timeline import FrameStore, MediaClock, PlayoutAudio
 from stream.webrtc import check_offer_sdp, negotiated_video_codec
@@ -87,6 +89,20 @@ def test_playout_audio_reads_silence_where_nothing_was_written() -> None:
 def test_sdp_checks() -> None:
     with pytest.raises(Exception, match="v=0"):
         check_offer_sdp("hello")
+    offer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+    for good in ("1 1 udp 2130706431 127.0.0.1 50000 typ host",
+                 "2 1 UDP 1694498815 2001:db8::1 3478 typ srflx raddr :: rport 0",
+                 "3 1 udp 2113937151 8a0f4a2e-1c5e-4f2f-9d6e-0123456789ab.local 54400 typ host",
+                 "4 1 tcp 1518280447 192.168.1.2 9 typ host tcptype active"):
+        check_offer_sdp(f"{offer}a=candidate:{good}\r\n")
+    # what aioice would only find out inside sendto (asyncio: a fatal transport error)
+    for bad, why in (("1 1 udp 1 127.0.0.1 70000 typ host", "port 70000 is out of 0..65535"),
+                     ("1 1 udp 1 no..such...name 5000 typ host", "neither an IP address"),
+                     ("1 1 udp 1 127.0.0.1 5000 typ nat", "candidate type 'nat'"),
+                     ("1 1 sctp 1 127.0.0.1 5000 typ host", "not udp or tcp"),
+                     ("1 1 udp 127.0.0.1 5000 typ host", "needs 'foundation")):
+        with pytest.raises(ApiError, match=re.escape(why)):
+            check_offer_sdp(f"{offer}a=candidate:{bad}\r\n")
     answer = ("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n"
               "m=video 9 UDP/TLS/RTP/SAVPF 102 96\r\na=rtpmap:96 VP8/90000\r\n"
               "a=rtpmap:102 H264/90000\r\n")
