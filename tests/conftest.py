@@ -16,10 +16,6 @@ DATA = REPO / "tests" / "data"
 # tests that run a server against the wall clock (frame rates, latency, A/V sync, soak): under
 # pytest-xdist they share one worker and run one after another, never two at once
 REALTIME_DIRS = ("tests/stream", "tests/client")
-# ...and of those, the long ones whose figures a busy CPU would blur run last, in this order: by
-# then the other worker has usually finished the engine's tests and the machine is theirs
-RUN_LAST = ("test_soak.py", "test_ws_flow.py", "test_late_audio.py", "test_latency_probe.py",
-            "test_avsync.py", "test_latency_e2e.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,19 +26,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With `--dist loadgroup` the real-time tests form one group (one worker, in order, the
-    longest last) and the engine's CPU-bound tests fill the other worker; without xdist the
-    marker is inert and only the order changes."""
+    """With `--dist loadgroup` the real-time tests form one group (one worker, in order) and
+    the engine's CPU-bound tests fill the other worker; without xdist the marker is inert.
+    (The long wall-clock tests run after both, alone: .ci/test's second phase.)"""
     for item in items:
         rel = Path(str(item.path)).resolve().relative_to(REPO).as_posix()
         if rel.startswith(REALTIME_DIRS):
             item.add_marker(pytest.mark.xdist_group("realtime"))
-
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return RUN_LAST.index(name) + 1 if name in RUN_LAST else 0
-
-    items.sort(key=rank)  # stable: collection order otherwise
 
 
 def make_tiny(path: Path, *args: str) -> Path:
