@@ -67,7 +67,10 @@ async def test_pli_and_fir_get_a_keyframe_within_200_ms(quiet_gop: Running) -> N
         print(f"\nkeyframe after PLI/FIR: {[round(d * 1000) for d in delays]} ms; "
               f"keyframes by cause {dict(variant.keyframes)}")
         assert max(delays) < 0.2, delays
-        assert variant.keyframes["pli"] == 3 and variant.keyframes["fir"] == 1
+        requested = variant.keyframe_requests.requested
+        assert requested["pli"] == 3 and requested["fir"] == 1, requested
+        # every keyframe seen was one asked for (a request waiting for another cause, such as a
+        # join under load, can be the label the PLI's keyframe is counted under)
         assert variant.keyframes["periodic"] == 0
 
         # a flood of PLIs (50 a second for 2 s) cannot turn the stream into keyframes: a burst
