@@ -175,19 +175,24 @@ def _audio_frame(samples: np.ndarray, start: int) -> av.AudioFrame:
     return frame
 
 
+def _audio_context(codec: str, sample_format: str, bitrate_kbps: int) -> av.AudioCodecContext:
+    """A mono 48 kHz encoder context on the playout clock (both audio encoders start so)."""
+    ctx = av.CodecContext.create(codec, "w")
+    assert isinstance(ctx, av.AudioCodecContext)
+    ctx.sample_rate = PLAYOUT_RATE
+    ctx.layout = "mono"
+    ctx.format = sample_format
+    ctx.bit_rate = bitrate_kbps * 1000
+    ctx.time_base = AUDIO_TIME_BASE
+    return ctx
+
+
 class OpusEncoder:
     """40 ms slices -> one 40 ms Opus packet each, stamped with the slice's own first sample
     (libopus's 6.5 ms look-ahead is left to the decoder, as aiortc's own encoder does)."""
 
     def __init__(self, bitrate_kbps: int):
-        ctx = av.CodecContext.create("libopus", "w")
-        assert isinstance(ctx, av.AudioCodecContext)
-        self.ctx = ctx
-        self.ctx.sample_rate = PLAYOUT_RATE
-        self.ctx.layout = "mono"
-        self.ctx.format = "s16"
-        self.ctx.bit_rate = bitrate_kbps * 1000
-        self.ctx.time_base = AUDIO_TIME_BASE
+        self.ctx = _audio_context("libopus", "s16", bitrate_kbps)
         self.ctx.options = {"application": "voip", "frame_duration": str(OPUS_FRAME_MS)}
 
     def encode(self, samples: np.ndarray, start: int) -> EncodedAudio | None:
@@ -203,14 +208,7 @@ class AacEncoder:
     1024-sample priming, so the decoded audio lands on the media time it came from)."""
 
     def __init__(self, bitrate_kbps: int):
-        ctx = av.CodecContext.create("aac", "w")
-        assert isinstance(ctx, av.AudioCodecContext)
-        self.ctx = ctx
-        self.ctx.sample_rate = PLAYOUT_RATE
-        self.ctx.layout = "mono"
-        self.ctx.format = "fltp"
-        self.ctx.bit_rate = bitrate_kbps * 1000
-        self.ctx.time_base = AUDIO_TIME_BASE
+        self.ctx = _audio_context("aac", "fltp", bitrate_kbps)
         # the fast coder: a quarter of the default's CPU (20 ms per second of audio on these
         # cores), no audible difference on speech at these bitrates
         self.ctx.options = {"aac_coder": "fast"}
