@@ -145,6 +145,9 @@ class ProbeResult:
     error: str | None = None
     onsets_s: list[float] = field(default_factory=list)  # the page's records, as they came
     marks: list[tuple[float, int]] = field(default_factory=list)
+    # the session's own figures at the end, as the page last polled them (GET /v1/sessions/ID):
+    # blocks, silent blocks, input resyncs, latency and generation; they say why a bad run was
+    server: dict[str, Any] = field(default_factory=dict)
 
 
 def _free_port() -> int:
@@ -198,6 +201,7 @@ async def probe(base: str, seconds: float, size: str, wav: Path, chromium: str) 
                                          timeout=30_000)
             await asyncio.sleep(seconds)
             seen = await page.evaluate("window.avatarProbe")
+            server = await page.evaluate("window.avatarStats.server || {}")
         finally:
             await browser.close()
     if seen is None:
@@ -210,7 +214,8 @@ async def probe(base: str, seconds: float, size: str, wav: Path, chromium: str) 
           for k in ("median", "p95", "max")}
     return ProbeResult(base, seconds, len(seen["onsets"]), len(marks), seen["frames"],
                        [round(1000 * m.seconds) for m in matched], ms["median"], ms["p95"],
-                       ms["max"], seen.get("error"), [t / 1000 for t in seen["onsets"]], marks)
+                       ms["max"], seen.get("error"), [t / 1000 for t in seen["onsets"]], marks,
+                       server)
 
 
 async def run(args: argparse.Namespace) -> ProbeResult:
@@ -234,6 +239,16 @@ async def run(args: argparse.Namespace) -> ProbeResult:
                     proc.wait()
                 if args.server_log:
                     shutil.copy(folder / "server.log", args.server_log)
+
+
+def server_line(stats: dict[str, Any]) -> str:
+    """The session's figures that explain a latency: what was generated, skipped and resynced."""
+    lat, gen = stats.get("latency") or {}, stats.get("generation") or {}
+    return (f"{stats.get('blocks')} blocks ({stats.get('silent_blocks')} silent, "
+            f"{lat.get('late_blocks')} late, {lat.get('skipped_blocks')} skipped), "
+            f"{stats.get('audio_in_resyncs')} audio input resyncs, target delay "
+            f"{lat.get('target_delay_ms')} ms, stages {lat.get('stages_ms')}, tier "
+            f"{gen.get('size')}/{gen.get('steps')} steps")
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -273,6 +288,8 @@ def command(args: argparse.Namespace) -> int:
           f"in {result.seconds:.0f} s)")
     print(f"glass-to-glass latency: median {result.median_ms} ms, p95 {result.p95_ms} ms, "
           f"max {result.max_ms} ms")
+    if result.server:
+        print(f"server: {server_line(result.server)}")
     if result.error:
         print(f"error: {result.error}")
     if args.json:

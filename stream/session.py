@@ -411,7 +411,13 @@ class Session:
         await asyncio.shield(self._closing)
 
     async def _teardown(self) -> None:
-        self.log.info("session ends: %s", self.close_reason)
+        lat = self.latency
+        self.log.info("session ends: %s (%.0f s; %d blocks, %d silent, %d late, %d skipped; "
+                      "%d frames sent; %.1f s of audio in, %d resyncs)", self.close_reason,
+                      time.monotonic() - self.created, self.stats.blocks,
+                      self.stats.silent_blocks, lat.late_blocks, lat.skipped_blocks,
+                      self.stats.frames_sent, self.audio_in.samples_in / 16000,
+                      self.audio_in.resyncs)
         self._close_engine()
         for pid in list(self.peers):
             await self.remove_peer(pid)
@@ -447,6 +453,9 @@ class Session:
             "blocks": self.stats.blocks, "silent_blocks": self.stats.silent_blocks,
             "frames_sent": self.stats.frames_sent,
             "audio_in_seconds": round(self.audio_in.samples_in / 16000, 2),
+            # the caller's audio fell more than [latency] late_audio_s behind real time this
+            # often and went on at the present (the gap played as silence)
+            "audio_in_resyncs": self.audio_in.resyncs,
             **self.latency.figures(),
             "avatar": self.avatar,
             "output": {"ladder": [v.name for v in self.media.ladder],

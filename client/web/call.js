@@ -88,7 +88,9 @@ async function start() {
           headers: { Authorization: `Bearer ${token}` } });
         if (r.ok) {
           server = await r.json();
-          window.avatarStats.server = { latency: server.latency, generation: server.generation };
+          window.avatarStats.server = {
+            latency: server.latency, generation: server.generation, blocks: server.blocks,
+            silent_blocks: server.silent_blocks, audio_in_resyncs: server.audio_in_resyncs };
         }
       } catch (e) { /* the next poll will tell */ }
     }, 2000));

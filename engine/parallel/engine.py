@@ -75,6 +75,12 @@ class GroupFailed(EngineError):
     retryable = True
 
 
+def group_failed(reason: str) -> GroupFailed:
+    """The one error every session of a failed group gets, whoever noticed first."""
+    return GroupFailed(f"the GPU group failed ({reason or 'cause unknown'}); the server is "
+                       "restarting it")
+
+
 # 1. A block in flight ---------------------------------------------------------------------------
 
 
@@ -213,7 +219,7 @@ class ParallelSession:
                                 self.engine.block_timeout_s, plan.tier)
         self.engine.track(pending)
         if self.group.down:  # it failed between our check and now: nobody else will say so
-            pending.fail(self.failed or GroupFailed("the GPU group failed"))
+            pending.fail(self.failed or group_failed(self.group.reason))
             return pending
         features = self.engine.layout.features_rank
         for rank in range(self.engine.layout.world):
@@ -357,7 +363,7 @@ class ParallelEngine:
                 return
             self._status = "restarting"
             self._detail = f"{reason}; restarting the GPU group"
-            error = GroupFailed(f"the GPU group failed ({reason}); the server is restarting it")
+            error = group_failed(reason)
             pending, self._pending = list(self._pending.values()), {}
             sessions, opening = list(self._sessions.values()), list(self._opening.values())
         for s in sessions:

@@ -35,14 +35,18 @@ def test_latency_probe_prints_median_and_p95(tmp_path: Path,
         pytest.fail("Debian's chromium is not installed: run .ci/install")
     if not loopback_only():
         pytest.skip("needs a loopback-only network namespace: run the suite with .ci/test")
-    out = tmp_path / "probe.json"
+    out, log = tmp_path / "probe.json", tmp_path / "server.log"
     rc = main(["latency-probe", "--seconds", "20", "--min-onsets", "6", "--json", str(out),
-               "--server-log", str(tmp_path / "server.log")])
+               "--server-log", str(log)])
     printed = capsys.readouterr().out
+    # what the server said beyond the routine (re-anchored input, warnings, the session's end)
+    notable = [line for line in log.read_text().splitlines()
+               if ("WARNING" in line or "ERROR" in line or "re-anchored" in line
+                   or "session ends" in line) and "API key" not in line and "PREVIEW" not in line]
     with capsys.disabled():
-        print("\n" + printed)
+        print("\n" + printed + "\n".join(notable[-20:]))
     result = json.loads(out.read_text())
-    assert rc == 0, (printed, result["onsets_s"], result["marks"])
+    assert rc == 0, (printed, notable[-20:], result["onsets_s"], result["marks"])
     assert "glass-to-glass latency: median" in printed and "p95" in printed
     assert result["error"] is None and len(result["latencies_ms"]) >= 6
     # the preview at full speed: the playout delay (about 1 s) and the browser's own buffers

@@ -93,3 +93,32 @@ async def test_a_dead_or_hung_rank_ends_its_sessions_and_the_group_comes_back(
         await runtime.aclose()
         engine.close()
     assert await wait_for(lambda: not any(p.is_alive() for p in seen), 10), "a rank lingers"
+
+
+def test_whoever_sees_the_group_down_can_say_why() -> None:
+    """Two threads noticing the same death at once: one report, and its reason is there before
+    `down` reads true (a block submitted in between fails with it, not with 'cause unknown')."""
+    import threading
+
+    from engine.parallel.engine import group_failed
+    from engine.parallel.group import RankGroup
+
+    reports: list[str] = []
+    group = RankGroup(None, None, None, None, b"", lambda rank, m: None,  # type: ignore[arg-type]
+                      reports.append, spawn=False, threads=1)
+    start = threading.Barrier(4)
+
+    def notice(i: int) -> None:
+        start.wait()
+        group.fail(f"rank {i} died")
+
+    threads = [threading.Thread(target=notice, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reports) == 1 and group.down and group.reason == reports[0]
+    assert reports[0] in str(group_failed(group.reason)) and "restarting" in str(
+        group_failed(group.reason))
+    group._stopping("the server is stopping it")  # a later stop keeps the first reason
+    assert group.reason == reports[0]
