@@ -31,6 +31,7 @@ from engine.models import audio as audio_model
 from engine.models import text as text_model
 from engine.models import vae as vae_model
 from engine.models.dit import DiTConfig, WanS2VDiT
+from engine.models.fp8 import quantize_on_load
 from engine.progress import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,9 @@ def _is_gain(name: str) -> bool:
 
 def fill_random(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int,
                 keep_fp32: tuple[str, ...] = (), progress: ProgressFn | None = None,
-                label: str = "model") -> None:
-    """Give every (meta) parameter and buffer of `model` a random value on `device`.
+                label: str = "model", fp8_scaling: str | None = None) -> None:
+    """Give every (meta) parameter and buffer of `model` a random value on `device`; with
+    `fp8_scaling`, each linear FP8 replaces is quantised as soon as its weight is made.
 
     Fan-in scaled normals keep activations O(1) through the residual stacks, as trained weights
     do; what matters here is only that the numbers are finite and of realistic magnitude.
@@ -106,7 +108,9 @@ def fill_random(model: nn.Module, device: torch.device, dtype: torch.dtype, seed
             t.normal_(0.0, fan_in ** -0.5, generator=gen)
         else:
             t.zero_()
-        set_tensor(model, name, t)
+        if fp8_scaling is None or not quantize_on_load(model, name, t, fp8_scaling):
+            set_tensor(model, name, t)
+        del t
         done += meta.numel()
         if progress is not None:
             progress(label, done, total)
@@ -124,21 +128,24 @@ PARTS = ("dit", "vae", "text", "wav2vec")
 
 def build_random_models(shapes: ModelShapes, device: torch.device, dtype: torch.dtype,
                         text_device: torch.device | None = None, seed: int = 0,
-                        progress: ProgressFn | None = None) -> EngineModels:
+                        progress: ProgressFn | None = None,
+                        fp8_scaling: str | None = None) -> EngineModels:
     """Every component at `shapes`, random, on `device` in `dtype` (wav2vec2 and the DiT's
     audio encoder in float32, as the checkpoint loader keeps them). umT5 is filled on `device`
     and then moved to `text_device` (default: `device`)."""
-    parts = build_random_parts(shapes, PARTS, device, dtype, text_device, seed, progress)
+    parts = build_random_parts(shapes, PARTS, device, dtype, text_device, seed, progress,
+                               fp8_scaling)
     return EngineModels(parts["dit"], parts["vae"], parts["text"], parts["wav2vec"], device,
                         dtype, random_weights=True)
 
 
 def build_random_parts(shapes: ModelShapes, parts: tuple[str, ...], device: torch.device,
                        dtype: torch.dtype, text_device: torch.device | None = None,
-                       seed: int = 0, progress: ProgressFn | None = None) -> dict[str, Any]:
+                       seed: int = 0, progress: ProgressFn | None = None,
+                       fp8_scaling: str | None = None) -> dict[str, Any]:
     """Some of the components ("dit", "vae", "text", "wav2vec"), each filled from its own seed,
     so that a part is the same whatever else is built beside it (the ranks of a pipeline build
-    only their own)."""
+    only their own). `fp8_scaling`: the DiT quantised as it is filled."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown model parts {sorted(unknown)}; accepted {PARTS}")
@@ -149,7 +156,8 @@ def build_random_parts(shapes: ModelShapes, parts: tuple[str, ...], device: torc
     if "dit" in parts:
         with torch.device("meta"):
             dit = WanS2VDiT(shapes.dit)
-        fill_random(dit, device, dtype, seed, dit.keep_fp32_prefixes, progress, "dit")
+        fill_random(dit, device, dtype, seed, dit.keep_fp32_prefixes, progress, "dit",
+                    fp8_scaling)
         finish_module(dit, "dit")
         out["dit"] = dit
     if "vae" in parts:

@@ -99,19 +99,21 @@ class WanEngine:
         text_device = resolve_text_device(config.text_device, device)
         if device.type == "cuda":  # before a single weight is read
             config, text_device = fit_on_gpu(config, device, dtype)
+        fp8 = config.fp8_scaling if config.fp8 else None  # quantised as it loads
         if config.random_weights:
             from engine.random_weights import build_random_models, model_shapes
 
             models = build_random_models(model_shapes(config.random_shapes, device), device,
-                                         dtype, text_device=text_device, progress=progress)
+                                         dtype, text_device=text_device, progress=progress,
+                                         fp8_scaling=fp8)
         else:
             models = load_models(config.checkpoint, device, dtype, lora=config.lora or None,
                                  lora_alpha=config.lora_alpha, text_device=text_device,
-                                 progress=progress)
+                                 progress=progress, fp8_scaling=fp8)
         engine = cls(models, config)
         # a CPU never runs the real model in real time: calibrating there only delays start-up
         # (admission then goes by the measured load of the sessions running)
-        if config.compile or (config.calibrate and device.type == "cuda"):
+        if config.compile or config.vae_compile or (config.calibrate and device.type == "cuda"):
             engine.warm_up()
         return engine
 

@@ -30,6 +30,7 @@ from engine.models import audio as audio_model
 from engine.models import text as text_model
 from engine.models import vae as vae_model
 from engine.models.dit import WanS2VDiT
+from engine.models.fp8 import FP8Linear, quantize_on_load
 from engine.progress import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,10 @@ class _Counter:
 
 def load_dit(layout: CheckpointLayout, device: torch.device | str, dtype: torch.dtype,
              lora: str | Path | None = None, lora_alpha: float = 64.0, use_lora: bool = True,
-             progress: ProgressFn | None = None) -> WanS2VDiT:
-    """The DiT with the Live-Avatar LoRA merged (unless `use_lora` is false)."""
+             progress: ProgressFn | None = None, fp8_scaling: str | None = None) -> WanS2VDiT:
+    """The DiT with the Live-Avatar LoRA merged (unless `use_lora` is false). With
+    `fp8_scaling`, the linears FP8 replaces are quantised as their weights are read (after the
+    LoRA merge), so the bf16 model never exists whole (engine/models/fp8.py)."""
     dit = inspect.inspect_dit(layout)
     if not dit.report.ok:
         raise _refuse(dit.report)
@@ -124,8 +127,13 @@ def load_dit(layout: CheckpointLayout, device: torch.device | str, dtype: torch.
                                  else lora_alpha)
                         t = merged_weight(t, lora_f.get_tensor(roles["A"]),
                                           lora_f.get_tensor(roles["B"]), alpha)
-                    set_tensor(model, key, t)
+                    if fp8_scaling is None or not quantize_on_load(model, key, t, fp8_scaling):
+                        set_tensor(model, key, t)
+                    del t
     finish_module(model, "dit")
+    if fp8_scaling is not None:
+        log.info("fp8: %d DiT linears quantised to e4m3 as they were read (%s scaling)",
+                 sum(isinstance(m, FP8Linear) for m in model.modules()), fp8_scaling)
     return model
 
 
@@ -240,27 +248,30 @@ def resolve_text_device(text_device: str, device: torch.device) -> torch.device:
 def load_models(checkpoint: str | Path, device: torch.device, dtype: torch.dtype,
                 lora: str | Path | None = None, lora_alpha: float = 64.0,
                 text_device: torch.device | None = None,
-                progress: ProgressFn | None = None) -> EngineModels:
+                progress: ProgressFn | None = None,
+                fp8_scaling: str | None = None) -> EngineModels:
     """Load and check every component. wav2vec2 stays float32 (small, precision-sensitive);
-    umT5 goes to `text_device` (default: `device`)."""
+    umT5 goes to `text_device` (default: `device`); `fp8_scaling`: the DiT quantised as it
+    loads."""
     parts = load_parts(checkpoint, ("dit", "vae", "text", "wav2vec"), device, dtype, lora=lora,
-                       lora_alpha=lora_alpha, text_device=text_device, progress=progress)
+                       lora_alpha=lora_alpha, text_device=text_device, progress=progress,
+                       fp8_scaling=fp8_scaling)
     return EngineModels(parts["dit"], parts["vae"], parts["text"], parts["wav2vec"],
                         torch.device(device), dtype)
 
 
 def load_parts(checkpoint: str | Path, parts: tuple[str, ...], device: torch.device,
                dtype: torch.dtype, lora: str | Path | None = None, lora_alpha: float = 64.0,
-               text_device: torch.device | None = None, progress: ProgressFn | None = None
-               ) -> dict[str, Any]:
+               text_device: torch.device | None = None, progress: ProgressFn | None = None,
+               fp8_scaling: str | None = None) -> dict[str, Any]:
     """Some of the components ("dit", "vae", "text", "wav2vec"); the others are None. A rank
-    of a pipeline loads only what it runs."""
+    of a pipeline loads only what it runs. `fp8_scaling`: the DiT quantised as it loads."""
     layout = CheckpointLayout.at(checkpoint)
     started = time.monotonic()
     out: dict[str, Any] = {"dit": None, "vae": None, "text": None, "wav2vec": None}
     if "dit" in parts:
         out["dit"] = load_dit(layout, device, dtype, lora=lora or None, lora_alpha=lora_alpha,
-                              progress=progress)
+                              progress=progress, fp8_scaling=fp8_scaling)
     if "vae" in parts:
         out["vae"] = load_vae(layout, device, dtype, progress=progress)
     if "text" in parts:

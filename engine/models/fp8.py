@@ -114,5 +114,44 @@ def quantize_linears(model: nn.Module, scaling: str = "tensor",
     return len(targets)
 
 
+def quantize_on_load(model: nn.Module, key: str, value: torch.Tensor, scaling: str,
+                     keep: tuple[str, ...] = KEEP_PRECISION) -> bool:
+    """Load-time FP8: if `key` names the weight of an nn.Linear that `quantize_linears` would
+    replace, replace that linear now by an FP8Linear made from `value` and return True (the
+    caller then drops `value`); otherwise change nothing and return False.
+
+    A loader that calls this for every tensor it reads never holds the DiT's bf16 weights at
+    once: the peak is the FP8 model plus one bf16 weight and its float32 copy, not the whole
+    bf16 model (about 2x the FP8 one) as when quantising after the load. The result is the
+    same, bit for bit: the same weight goes through the same `quantize`. A bias read before
+    its weight is carried over; one read after lands on the FP8Linear's `bias` buffer.
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"fp8 scaling {scaling!r}: accepted {SCALINGS}")
+    owner, _, leaf = key.rpartition(".")
+    if leaf != "weight" or not owner or owner.startswith(keep):
+        return False
+    parent_name, _, name = owner.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    linear = getattr(parent, name, None)
+    if not isinstance(linear, nn.Linear):
+        return False
+    with torch.no_grad():
+        q, scale = quantize(value, scaling)
+    bias = None if linear.bias is None else linear.bias.detach()
+    setattr(parent, name, FP8Linear(q, scale, bias, scaling))
+    return True
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights: its parameters and its FP8Linears' e4m3 weights, scales
+    and biases (buffers, since e4m3 tensors take no part in autograd)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, FP8Linear):
+            total += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
+    return total
+
+
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, FP8Linear) for m in model.modules())

@@ -17,8 +17,8 @@ and runs: its models only, one session's state for its steps (rings, sink, text 
 rank's decoder cache), and its stage on every block (the audio features and tokens where the
 rank computes them; what it would receive are random tensors of the right shapes). Its peak
 memory from then on is what a card for that rank needs to run: per-rank memory for small cards,
-measured without the cards. Loading has a peak of its own (`load_peak_reserved_gib`): the DiT is
-built in bf16 and then quantised to FP8, so today loading needs room for the bf16 DiT.
+measured without the cards. Loading has a peak of its own (`load_peak_reserved_gib`); with FP8
+the DiT is quantised as it loads, so that peak is the FP8 weights and one bf16 weight more.
 """
 
 from __future__ import annotations
@@ -202,9 +202,9 @@ def bench_rank_share(config: EngineConfig, opts: BenchOptions, layout_text: str,
     keep_what_the_role_runs(models, role.tokens)
     cfg = StreamConfig()
     speed = prepare_parts(models.dit, models.vae, device, dtype, config, cfg.ring_frames,
-                          cfg.block_frames)  # (FP8 quantises the DiT here)
+                          cfg.block_frames)
     load_peak = 0.0
-    if device.type == "cuda":  # loading builds the DiT in bf16 first: a peak of its own
+    if device.type == "cuda":  # loading's own peak (what is read, converted and merged)
         torch.cuda.empty_cache()
         load_peak = torch.cuda.max_memory_reserved(device) / GIB
         torch.cuda.reset_peak_memory_stats(device)

@@ -32,6 +32,7 @@ from engine.decode import PendingDecode, SessionDecoder
 from engine.denoise import Conditioning, SessionDenoiser
 from engine.models.audio import Wav2Vec2Features
 from engine.models.dit import DiTConfig, WanS2VDiT
+from engine.models.fp8 import weight_bytes
 from engine.models.text import TextEncoder
 from engine.models.vae import WanVAE
 from engine.parallel.messages import AvatarInputs, Wire
@@ -59,7 +60,7 @@ class RankModels:
         for name in ("dit", "vae", "text", "wav2vec"):
             model = getattr(self, name)
             if model is not None:
-                out[name] = sum(p.numel() * p.element_size() for p in model.parameters())
+                out[name] = weight_bytes(model)  # (FP8 weights are buffers)
         return out
 
 

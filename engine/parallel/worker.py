@@ -462,18 +462,21 @@ def fit_rank(config: EngineConfig, layout: Layout, rank: int, device: torch.devi
 
 def load_rank_models(config: EngineConfig, parts: tuple[str, ...], device: torch.device,
                      dtype: torch.dtype, text_device: torch.device) -> RankModels:
-    """This rank's models only, from the checkpoint or as random weights at real shapes."""
+    """This rank's models only, from the checkpoint or as random weights at real shapes; with
+    [engine] fp8 the DiT is quantised as it loads (a rank's peak is then its FP8 weights)."""
+    fp8 = config.fp8_scaling if config.fp8 else None
     if config.random_weights:
         from engine.random_weights import build_random_parts, model_shapes
 
         shapes = model_shapes(config.random_shapes, device)
-        got = build_random_parts(shapes, parts, device, dtype, text_device=text_device)
+        got = build_random_parts(shapes, parts, device, dtype, text_device=text_device,
+                                 fp8_scaling=fp8)
         return RankModels(shapes.dit, device, dtype, random_weights=True, **got)
     from engine.checkpoint import inspect
     from engine.checkpoint.layout import CheckpointLayout
 
     got = load_parts(config.checkpoint, parts, device, dtype, lora=config.lora or None,
-                     lora_alpha=config.lora_alpha, text_device=text_device)
+                     lora_alpha=config.lora_alpha, text_device=text_device, fp8_scaling=fp8)
     dit_cfg = got["dit"].cfg if got["dit"] is not None else \
         inspect.inspect_dit(CheckpointLayout.at(config.checkpoint)).config
     if dit_cfg is None:

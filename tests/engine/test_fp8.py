@@ -87,3 +87,38 @@ def test_fp8_dit_follows_the_float32_dit(tiny_models, example_image, example_aud
     got = velocities(dataclasses.replace(tiny_models, dit=dit))
     errors = [((got[k] - want[k]).norm() / want[k].norm()).item() for k in sorted(want)]
     assert len(errors) == 24 and max(errors) <= VELOCITY_TOLERANCE[scaling], np.round(errors, 3)
+
+
+def _same_tensors(a: nn.Module, b: nn.Module) -> None:
+    ta = dict([*a.named_parameters(), *a.named_buffers()])
+    tb = dict([*b.named_parameters(), *b.named_buffers()])
+    assert ta.keys() == tb.keys()
+    for k, v in ta.items():
+        assert v.dtype == tb[k].dtype and torch.equal(v.float(), tb[k].float()), k
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_quantised_as_it_loads_equals_quantised_after(tiny_ckpt_master, scaling: str) -> None:  # noqa: ANN001
+    """The loader's and the random builder's load-time FP8 give the model that loading in bf16
+    and then quantising gives, tensor for tensor (the LoRA merged first in both)."""
+    from engine.checkpoint.layout import CheckpointLayout
+    from engine.checkpoint.loader import load_dit
+    from engine.models.fp8 import weight_bytes
+    from engine.random_weights import build_random_parts, model_shapes
+
+    layout = CheckpointLayout.at(tiny_ckpt_master)
+    after = load_dit(layout, "cpu", torch.bfloat16, lora_alpha=2.0)
+    bf16_bytes = weight_bytes(after)
+    count = quantize_linears(after, scaling)
+    during = load_dit(layout, "cpu", torch.bfloat16, lora_alpha=2.0, fp8_scaling=scaling)
+    assert sum(isinstance(m, FP8Linear) for m in during.modules()) == count > 0
+    _same_tensors(during, after)
+    # the weights are counted with their e4m3 buffers: a little over half the bf16 model's
+    assert 0.4 * bf16_bytes < weight_bytes(during) < 0.9 * bf16_bytes
+
+    shapes = model_shapes("tiny", torch.device("cpu"))
+    plain = build_random_parts(shapes, ("dit",), torch.device("cpu"), torch.bfloat16)["dit"]
+    quantize_linears(plain, scaling)
+    filled = build_random_parts(shapes, ("dit",), torch.device("cpu"), torch.bfloat16,
+                                fp8_scaling=scaling)["dit"]
+    _same_tensors(filled, plain)
