@@ -80,6 +80,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                        help="VAE decode on a second CUDA stream beside the next block")
     speed.add_argument("--vae-channels-last", action=argparse.BooleanOptionalAction,
                        default=None, help="VAE convolutions channels-last (CUDA)")
+    speed.add_argument("--vae-compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the VAE's norm/SiLU/padding between convolutions")
     speed.add_argument("--avatar-cache-mb", type=int, default=None,
                        help="per-avatar cache budget (0: off)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -103,6 +103,9 @@ class EngineConfig:
     # VAE convolutions in NDHWC: off, measured slower on an H200 (258 vs 192 ms per 704x384
     # block: the causal padding and norms run strided in that layout; docs/bench.md)
     vae_channels_last: bool = False
+    # torch.compile of the VAE's norm/SiLU/causal padding between its convolutions (fused
+    # elementwise work; about 20 graphs per size, in a session's first blocks)
+    vae_compile: bool = False
     avatar_cache_mb: int = 4096  # per-avatar set-up results kept on the device; 0: off
     compile: bool = False  # torch.compile of the DiT layer (4 graphs per size, at start-up)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune...
@@ -118,7 +121,8 @@ class EngineConfig:
     # the speed paths, and their values on the plain path (`avatar bench --baseline`)
     PLAIN: ClassVar[dict[str, Any]] = {"fp8": False, "attention_backend": "default",
                                        "vae_overlap": False, "vae_channels_last": False,
-                                       "avatar_cache_mb": 0, "compile": False}
+                                       "vae_compile": False, "avatar_cache_mb": 0,
+                                       "compile": False}
 
     @classmethod
     def speed_keys(cls) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ So T_pix = 1 + 4k <-> T_lat = 1 + k. Pixels are in [-1, 1]; latents are normalis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +81,42 @@ class _CausalSite:
 # 3. Building blocks -----------------------------------------------------------------------------
 
 
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """F.normalize over channels * sqrt(C) * gamma, in float32 (as upstream's fp32 weights under
+    bf16 autocast), returned in x's dtype."""
+    # F.normalize(x, dim=1): x / max(||x||, 1e-12), written out (faster on CPU)
+    xf = x.float()
+    norm = xf.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+    return (xf / norm * (scale * gamma.float())).to(x.dtype)
+
+
+def causal_pad(x: torch.Tensor, past: torch.Tensor | None, time_pad: int,
+               space_pad: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A causal conv's input: `time_pad` frames of history (`past`, zeros at the start) before x,
+    the spatial padding around; and the history for the next call (None without time_pad)."""
+    new = None
+    if time_pad:
+        if past is None:
+            past = x.new_zeros(*x.shape[:2], time_pad, *x.shape[3:])
+        x = torch.cat([past.to(x.dtype), x], dim=2)
+        new = x[:, :, -time_pad:].clone()
+    return F.pad(x, space_pad), new
+
+
+def norm_silu_pad(x: torch.Tensor, gamma: torch.Tensor, scale: float, past: torch.Tensor | None,
+                  time_pad: int, space_pad: tuple[int, int, int, int]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm -> SiLU -> causal padding: what runs before every 3x3x3 conv of a residual block
+    and the heads, and (eagerly) 7 full-resolution passes of elementwise work and copies, which
+    `engine.speed.compile.compile_vae` fuses by compiling this one function."""
+    return causal_pad(F.silu(rms_norm(x, gamma, scale)), past, time_pad, space_pad)
+
+
+# (x, gamma, scale, past, time_pad, space_pad) -> (padded conv input, history for the next call)
+Fuse = Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor | None, int,
+                 tuple[int, int, int, int]], tuple[torch.Tensor, torch.Tensor | None]]
+
+
 class CausalConv3d(nn.Conv3d, _CausalSite):
     """Conv3d padded symmetrically in space and 2*p in the past only; history from the cache."""
 
@@ -92,14 +129,24 @@ class CausalConv3d(nn.Conv3d, _CausalSite):
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         # x: [B, C, T, H, W] -> [B, C', T', H', W']
-        if self.time_pad:
-            past = cache.slots.get(self.site) if cache is not None else None
-            if past is None:
-                past = x.new_zeros(*x.shape[:2], self.time_pad, *x.shape[3:])
-            x = torch.cat([past.to(x.dtype), x], dim=2)
-            if cache is not None:
-                cache.slots[self.site] = x[:, :, -self.time_pad:].clone()
-        x = F.pad(x, self.space_pad)
+        padded, past = causal_pad(x, self._past(cache), self.time_pad, self.space_pad)
+        return self._conv(padded, cache, past)
+
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, cache: CausalCache | None,
+                       fuse: Fuse) -> torch.Tensor:
+        """conv(SiLU(norm(x))) with the elementwise part done by `fuse` (`norm_silu_pad` or
+        its compiled form)."""
+        padded, past = fuse(x, norm.gamma, norm.scale, self._past(cache), self.time_pad,
+                            self.space_pad)
+        return self._conv(padded, cache, past)
+
+    def _past(self, cache: CausalCache | None) -> torch.Tensor | None:
+        return cache.slots.get(self.site) if cache is not None and self.time_pad else None
+
+    def _conv(self, x: torch.Tensor, cache: CausalCache | None,
+              past: torch.Tensor | None) -> torch.Tensor:
+        if cache is not None and past is not None:
+            cache.slots[self.site] = past
         if x.device.type == "cpu" and x.dtype == torch.float32 and _CPU_MKLDNN:
             # PyTorch routes small-channel CPU conv3d to an im2col path ~10x slower than oneDNN
             return torch.mkldnn_convolution(x, self.weight, self.bias, (0, 0, 0), self.stride,
@@ -116,14 +163,16 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.normalize(x, dim=1): x / max(||x||, 1e-12), written out (faster on CPU); in float32
-        # as upstream's fp32-weights-under-bf16-autocast does, whatever the weights' dtype
-        xf = x.float()
-        norm = xf.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
-        return (xf / norm * (self.scale * self.gamma.float())).to(x.dtype)
+        return rms_norm(x, self.gamma, self.scale)
 
 
-class ResidualBlock(nn.Module):
+class _Fused:
+    """Modules whose norm -> SiLU -> causal conv runs through `fuse` (the model's choice)."""
+
+    fuse: Fuse = staticmethod(norm_silu_pad)
+
+
+class ResidualBlock(nn.Module, _Fused):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         # indices match the checkpoint: residual.{0,2,3,6} and the optional shortcut
@@ -135,9 +184,16 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
         h = self.shortcut(x)
-        for layer in self.residual:
-            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual  # (the SiLUs and dropout(0): fused)
+        x = conv1.forward_normed(norm1, x, cache, self.fuse)
+        x = conv2.forward_normed(norm2, x, cache, self.fuse)
         return x + h
+
+
+def _head(self: _Fused, head: nn.Sequential, x: torch.Tensor,
+          cache: CausalCache | None) -> torch.Tensor:
+    norm, _, conv = head  # RMSNorm, SiLU, CausalConv3d
+    return conv.forward_normed(norm, x, cache, self.fuse)
 
 
 class AttentionBlock(nn.Module):
@@ -159,9 +215,13 @@ class AttentionBlock(nn.Module):
 
 
 class Upsample(nn.Upsample):
-    """nearest-exact upsampling computed in float32 (bfloat16 lacks the kernel on some builds)."""
+    """nearest-exact upsampling; bfloat16 through float32 on a CPU (whose builds may lack the
+    kernel). Nearest copies values, so either way gives the same bits; on a GPU the direct
+    kernel saves two passes over the decoder's largest maps."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda" or x.dtype == torch.float32:
+            return super().forward(x)
         return super().forward(x.float()).to(x.dtype)
 
 
@@ -237,7 +297,7 @@ def _run(layers: nn.Sequential, x: torch.Tensor, cache: CausalCache | None) -> t
     return x
 
 
-class Encoder3d(nn.Module):
+class Encoder3d(nn.Module, _Fused):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
@@ -261,10 +321,10 @@ class Encoder3d(nn.Module):
         x = self.conv1(x, cache)
         x = _run(self.downsamples, x, cache)
         x = _run(self.middle, x, cache)
-        return _run(self.head, x, cache)
+        return _head(self, self.head, x, cache)
 
 
-class Decoder3d(nn.Module):
+class Decoder3d(nn.Module, _Fused):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         mult = cfg.dim_mult
@@ -290,7 +350,7 @@ class Decoder3d(nn.Module):
         x = self.conv1(x, cache)
         x = _run(self.middle, x, cache)
         x = _run(self.upsamples, x, cache)
-        return _run(self.head, x, cache)
+        return _head(self, self.head, x, cache)
 
 
 # 5. The VAE -------------------------------------------------------------------------------------

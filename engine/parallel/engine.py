@@ -343,7 +343,8 @@ class ParallelEngine:
             self.max_sessions = fit
         on_gpu = all(r.device.startswith("cuda") for r in group.ready.values())
         # (a CPU group, as in tests, is never real time: calibrating it only delays start-up)
-        if self.config.compile or (self.config.calibrate and on_gpu and self._block_cost is None):
+        if self.config.compile or self.config.vae_compile or (
+                self.config.calibrate and on_gpu and self._block_cost is None):
             self.warm_up(group)
         with self._lock:
             if group is self._group and not group.down:

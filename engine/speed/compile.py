@@ -1,4 +1,5 @@
-"""torch.compile of the DiT's repeated layer, compiled once per ring fill level and reused.
+"""torch.compile of the DiT's repeated layer, compiled once per ring fill level and reused;
+and of the VAE's elementwise work between its convolutions (`compile_vae`).
 
 What is compiled is one DiT layer (modulated norms, q/k/v with their RMSNorms, RoPE, the ring
 write, attention over [sink | ring], gates, text cross-attention, FFN) and one audio injection:
@@ -70,6 +71,32 @@ class CompiledLayers:
         if self.cuda_graphs:
             for t in tensors:
                 torch._dynamo.mark_static_address(t)
+
+
+def compile_vae(vae: nn.Module, mode: str = "default", backend: str = "inductor") -> int:
+    """Compile the VAE's norm -> SiLU -> causal padding (`engine.models.vae.norm_silu_pad`), the
+    elementwise work and copies before each of its 3x3x3 convolutions, into a few fused
+    kernels; the convolutions stay cuDNN's. Shapes are static: a decode stream compiles one
+    graph per (channels, frames, height, width) it meets, with and without history (about 20
+    per size, all in a session's first blocks) and none after. Returns the modules switched."""
+    from engine.models.vae import _Fused, norm_silu_pad
+
+    if mode not in MODES:
+        raise ConfigError(f"engine.compile_mode={mode!r}: accepted {MODES}")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                GRAPH_CACHE)
+    options: dict[str, Any] = {"dynamic": False, "backend": backend}
+    if backend == "inductor":
+        # (CUDA graphs would pin every activation of the decode; the fusion is what pays)
+        options["mode"] = "default" if mode == "reduce-overhead" else mode
+    fused = torch.compile(norm_silu_pad, **options)
+    count = 0
+    for module in vae.modules():
+        if isinstance(module, _Fused):
+            module.fuse = fused
+            count += 1
+    log.info("torch.compile of the VAE's norm/SiLU/padding before %d convolution sites", count)
+    return count
 
 
 def graphs() -> int:

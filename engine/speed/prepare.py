@@ -16,7 +16,7 @@ from engine.models.dit import WanS2VDiT
 from engine.models.fp8 import is_quantized, quantize_linears
 from engine.models.vae import WanVAE
 from engine.speed import attention
-from engine.speed.compile import CompiledLayers
+from engine.speed.compile import CompiledLayers, compile_vae
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,13 @@ def prepare_parts(dit: WanS2VDiT | None, vae: WanVAE | None, device: torch.devic
     if channels_last:  # (on a CPU the VAE's oneDNN path is fastest as it is)
         assert vae is not None
         use_channels_last(vae)
+    vae_compiled = vae is not None and config.vae_compile
+    if vae_compiled:
+        assert vae is not None
+        compile_vae(vae, config.compile_mode)
     decoder = DecodeQueue.for_device(device, config.vae_overlap and vae is not None)
     if vae is not None:
-        log.info("vae decode: %s%s", decoder.mode, ", channels-last" if channels_last else "")
+        log.info("vae decode: %s%s%s", decoder.mode, ", channels-last" if channels_last else "",
+                 ", compiled" if vae_compiled else "")
     avatars = AvatarCache(config.avatar_cache_mb * MB) if config.avatar_cache_mb else None
     return SpeedState(decoder, choice, channels_last, avatars, layers=layers)

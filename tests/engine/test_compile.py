@@ -68,3 +68,63 @@ def test_inductor_compiles_the_layer(tiny_models, example_image, example_audio) 
     plain = first_block(SpeedState.plain(tiny_models.device))
     fused = first_block(speed)
     assert np.abs(plain.astype(int) - fused.astype(int)).max() <= 1  # uint8 rounding only
+
+
+# The VAE's fused norm -> SiLU -> causal padding (`compile_vae`) --------------------------------
+
+
+def _decode_blocks(vae, seq: torch.Tensor) -> list[torch.Tensor]:  # noqa: ANN001
+    """The generator's pattern: prime on 7 latents, then blocks of 3, cache carried."""
+    from engine.models.vae import CausalCache
+
+    cache = CausalCache()
+    with torch.inference_mode():
+        out = [vae.decode(seq[:, :, :7], cache)]
+        out += [vae.decode(seq[:, :, 7 + 3 * k:10 + 3 * k], cache) for k in range(3)]
+    return out
+
+
+def test_compiled_vae_decodes_the_eager_frames_and_compiles_only_at_first(tiny_models) -> None:  # noqa: ANN001
+    import copy
+
+    from engine.speed.compile import compile_vae
+
+    torch._dynamo.reset()
+    seq = torch.randn(1, 16, 16, 8, 12, generator=torch.Generator().manual_seed(4))
+    eager = _decode_blocks(tiny_models.vae, seq)
+    vae = copy.deepcopy(tiny_models.vae)
+    # every residual block, the encoder's and the decoder's heads
+    blocks = sum(type(m).__name__ == "ResidualBlock" for m in vae.modules())
+    assert compile_vae(vae, backend="aot_eager") == blocks + 2
+    before = graphs()
+    compiled = _decode_blocks(vae, seq)
+    first = graphs() - before
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same ops: the same bits
+    assert 0 < first <= 40, first
+    # a second stream of the same size compiles nothing: the graphs are per shape, not per call
+    again = graphs()
+    _decode_blocks(vae, seq)
+    assert graphs() == again
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inductor_fuses_norm_silu_pad_to_the_eager_values(dtype: torch.dtype) -> None:
+    """Inductor's kernel for one call site (C++ on the CPU): the values of the eager ops, to
+    the rounding of one bfloat16 step (eager rounds after the norm and again after the SiLU)."""
+    from engine.models.vae import norm_silu_pad
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(1, 32, 4, 6, 10, generator=g) * 3).to(dtype)
+    past = torch.randn(1, 32, 2, 6, 10, generator=g).to(dtype)
+    gamma = (1 + 0.1 * torch.randn(32, 1, 1, 1, generator=g)).to(dtype)
+    fused = torch.compile(norm_silu_pad, dynamic=False)
+    for history in (None, past):  # a stream's first call and a later one
+        want, want_past = norm_silu_pad(x, gamma, 32 ** 0.5, history, 2, (1, 1, 1, 1))
+        got, got_past = fused(x, gamma, 32 ** 0.5, history, 2, (1, 1, 1, 1))
+        assert got.shape == want.shape == (1, 32, 6, 8, 12) and got.dtype == dtype
+        tol = 0.0 if dtype == torch.float32 else 2 ** -7
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=1e-6)
+        torch.testing.assert_close(got_past.float(), want_past.float(), rtol=tol, atol=1e-6)

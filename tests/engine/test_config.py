@@ -48,14 +48,15 @@ def test_bad_values_are_named(raw: dict, needle: str) -> None:
 
 
 def test_plain_turns_every_speed_path_off() -> None:
-    fast = EngineConfig.parse({"fp8": True, "compile": True, "avatar_cache_mb": 100})
+    fast = EngineConfig.parse({"fp8": True, "compile": True, "avatar_cache_mb": 100,
+                               "vae_compile": True})
     plain = fast.plain()
     assert (plain.fp8, plain.compile, plain.vae_overlap, plain.vae_channels_last,
-            plain.avatar_cache_mb, plain.attention_backend) == (False, False, False, False, 0,
-                                                                "default")
+            plain.vae_compile, plain.avatar_cache_mb, plain.attention_backend) == (
+        False, False, False, False, False, 0, "default")
     assert set(EngineConfig.speed_keys()) == {"fp8", "compile", "vae_overlap",
-                                              "vae_channels_last", "avatar_cache_mb",
-                                              "attention_backend"}
+                                              "vae_channels_last", "vae_compile",
+                                              "avatar_cache_mb", "attention_backend"}
 
 
 def test_layouts() -> None:

@@ -1,10 +1,11 @@
 """Where one block's VAE decode goes on a GPU (issue 8: the decode is 192 ms at 704x384 against
-a 90 ms goal). Random weights at the published VAE's shapes; for each variant (channels-first,
-channels-last, each with and without cuDNN's benchmark mode) it times decoding one block (3
-latent frames after a 7-frame warm-up, as a session does) and prints the top CUDA kernels of
-one profiled block. Writes the tables under $OUT (or ./gpu-out). The first run (H200,
-2026-12-01) gave 192 ms channels-first, 258 ms channels-last, and no change from cuDNN's
-benchmark mode (docs/bench.md).
+a 90 ms goal). Random weights at the published VAE's shapes; for each variant (channels-first
+and channels-last, each eager and with `compile_vae`, the fused norm/SiLU/padding) it times
+decoding one block (3 latent frames after a 7-frame warm-up, as a session does), reports the
+largest difference of its frames from the eager channels-first ones, and prints the top CUDA
+kernels of one profiled block. Writes the tables under $OUT (or ./gpu-out). The first run
+(H200, 2026-12-01) gave 192 ms channels-first and 258 ms channels-last eager, and no change
+from cuDNN's benchmark mode (docs/bench.md).
 
     python3 -m tests.engine.gpu.profile_decode [--size 704*384] [--blocks 6]
 """
@@ -24,19 +25,21 @@ from engine.decode import decode_block, use_channels_last
 from engine.models.vae import CausalCache
 from engine.random_weights import build_random_parts, model_shapes
 from engine.sizing import generation_size
+from engine.speed.compile import compile_vae
 
 
-def _time_blocks(vae, z, blocks: int, channels_last: bool) -> float:
+def _time_blocks(vae, z, blocks: int, channels_last: bool) -> tuple[float, torch.Tensor]:
+    """Median seconds per block after the warm-up, and the frames of every block."""
     cache = CausalCache()
-    decode_block(vae, z[:, :, :7], cache, channels_last)  # the session's warm-up
+    frames = [decode_block(vae, z[:, :, :7], cache, channels_last)]  # the session's warm-up
     times = []
     for b in range(blocks):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        decode_block(vae, z[:, :, 7 + 3 * b:10 + 3 * b], cache, channels_last)
+        frames.append(decode_block(vae, z[:, :, 7 + 3 * b:10 + 3 * b], cache, channels_last))
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], torch.cat(frames, dim=2).float()
 
 
 def main() -> None:
@@ -52,15 +55,27 @@ def main() -> None:
     h, w = generation_size(384, 704, parse_area(args.size))
     z = torch.randn(1, 16, 7 + 3 * (args.blocks + 1), h // 8, w // 8, device=device,
                     dtype=dtype)
+    reference = None
     with torch.inference_mode():
-        for cl in (False, True):
-            if cl:
-                use_channels_last(vae)
-            for bench in (False, True):
-                torch.backends.cudnn.benchmark = bench
-                ms = 1000 * _time_blocks(vae, z, args.blocks, cl)
-                name = f"{'channels-last' if cl else 'channels-first'}, benchmark {bench}"
-                print(f"{args.size} {name}: {ms:.1f} ms per block", flush=True)
+        for compiled in (False, True):
+            if compiled:
+                compile_vae(vae)
+                start = time.perf_counter()
+                _time_blocks(vae, z, 2, False)  # compiles the channels-first graphs
+                print(f"compile (channels-first): {time.perf_counter() - start:.1f} s")
+            for cl in (False, True):
+                if cl:
+                    use_channels_last(vae)
+                else:
+                    vae.to(memory_format=torch.contiguous_format)
+                name = (f"{'channels-last' if cl else 'channels-first'}, "
+                        f"{'compiled' if compiled else 'eager'}")
+                _time_blocks(vae, z, 1, cl)  # (compiles what this layout needs)
+                seconds, frames = _time_blocks(vae, z, args.blocks, cl)
+                reference = frames if reference is None else reference
+                diff = (frames - reference).abs().max().item()
+                print(f"{args.size} {name}: {1000 * seconds:.1f} ms per block; max |frames - "
+                      f"eager channels-first| = {diff:.4f}", flush=True)
                 cache = CausalCache()
                 decode_block(vae, z[:, :, :7], cache, cl)
                 torch.cuda.synchronize()
@@ -69,8 +84,9 @@ def main() -> None:
                     torch.cuda.synchronize()
                 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
                                                   max_name_column_width=70)
-                (out / f"decode-{'cl' if cl else 'cf'}-{int(bench)}.txt").write_text(table)
-                print(table.splitlines()[3:9] and "\n".join(table.splitlines()[3:9]), flush=True)
+                tag = f"{'cl' if cl else 'cf'}-{'compiled' if compiled else 'eager'}"
+                (out / f"decode-{tag}.txt").write_text(table)
+                print("\n".join(table.splitlines()[3:9]), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 #   bash tests/engine/gpu/session.sh fast    # bench, 3 sizes, plain vs all paths  (~8 min)
 #   bash tests/engine/gpu/session.sh bf16    # bench, bf16 + compile vs bare kernels (~6 min)
 #   bash tests/engine/gpu/session.sh all     # the three, one after another
+#   bash tests/engine/gpu/session.sh decode  # the VAE decode, eager vs compile_vae, both
+#                                            # layouts; then the bench at 704x384 with it (~5 min)
 #   bash tests/engine/gpu/session.sh ranks   # issue 9: one pipeline rank's share per run, on
 #                                            # one GPU: peak memory per rank (~8 min)
 #   bash tests/engine/gpu/session.sh pipeline  # issue 9 on a multi-GPU machine (x4 for "4",
@@ -52,6 +54,13 @@ part_bf16() {  # bf16 alone (no FP8): the step against the bare GEMMs + attentio
   bench bf16 --size "704*384,576*320" --baseline --no-fp8 --compile
 }
 
+part_decode() {  # issue 8's slowest part: the fused VAE elementwise work, alone then in a bench
+  timeout 300 "$PY" -m tests.engine.gpu.profile_decode --size "704*384" \
+    > "$OUT/decode.log" 2>&1
+  echo "profile_decode: exit $?"; grep "ms per block\|compile (" "$OUT/decode.log"
+  bench vae --size "704*384" --baseline --fp8 --compile --vae-compile
+}
+
 part_ranks() {  # what each rank of layout 4 / 4+vae holds and runs, FP8, one GPU at a time
   local share
   for share in 4:0 4:1 4:3 4+vae:0 4+vae:4; do
@@ -59,6 +68,14 @@ part_ranks() {  # what each rank of layout 4 / 4+vae holds and runs, FP8, one GP
       --size "448*256,704*384" --rank-share "$share" \
       >> "$OUT/bench-ranks.jsonl" 2>> "$OUT/bench-ranks.log"
     echo "rank share $share: exit $?"
+  done
+  # the 24 GB-card question (docs/bench.md, "Rank shares"): no avatar cache (a small card's
+  # memory plan leaves it none), the allocator's expandable segments
+  for share in 4+vae:0 4:0; do
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 90 "$PY" -m engine bench \
+      --steps 4 --blocks 4 --json --fp8 --avatar-cache-mb 0 --size "448*256" \
+      --rank-share "$share" >> "$OUT/bench-ranks-24gb.jsonl" 2>> "$OUT/bench-ranks.log"
+    echo "rank share $share (24 GB settings): exit $?"
   done
 }
 
@@ -75,9 +92,10 @@ case "${1:-all}" in
   tests) part_tests ;;
   fast) part_fast ;;
   bf16) part_bf16 ;;
+  decode) part_decode ;;
   ranks) part_ranks ;;
   pipeline) part_pipeline ;;
   all) part_tests; part_fast; part_bf16 ;;
-  *) echo "usage: $0 tests|fast|bf16|ranks|pipeline|all" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|fast|bf16|decode|ranks|pipeline|all" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
