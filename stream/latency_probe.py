@@ -84,10 +84,13 @@ def match_onsets(sent: Sequence[float], marks: Sequence[tuple[float, int]],
     for seen, n in marks:
         frames = np.round((n * FRAME_S + mode - onsets) / FRAME_S)  # the mark's frame - onset's
         j = int(np.argmin(np.abs(frames)))
-        if 0 <= frames[j] <= tolerance_frames and j not in used and seen > onsets[j]:
+        # -1: the prober's own timing of an onset jitters by some ms (its audio callbacks), so
+        # an onset late in its frame can round to the frame before; a later frame of the patch
+        # (up to tolerance_frames) is timed for its own audio
+        if -1 <= frames[j] <= tolerance_frames and j not in used and seen > onsets[j]:
             used.add(j)
-            out.append(OnsetLatency(float(onsets[j] + frames[j] * FRAME_S), float(seen),
-                                    int(n)))
+            later = max(0.0, float(frames[j]))
+            out.append(OnsetLatency(float(onsets[j] + later * FRAME_S), float(seen), int(n)))
     return out
 
 
@@ -246,9 +249,10 @@ def server_line(stats: dict[str, Any]) -> str:
     lat, gen = stats.get("latency") or {}, stats.get("generation") or {}
     return (f"{stats.get('blocks')} blocks ({stats.get('silent_blocks')} silent, "
             f"{lat.get('late_blocks')} late, {lat.get('skipped_blocks')} skipped), "
-            f"{stats.get('audio_in_resyncs')} audio input resyncs, target delay "
-            f"{lat.get('target_delay_ms')} ms, stages {lat.get('stages_ms')}, tier "
-            f"{gen.get('size')}/{gen.get('steps')} steps")
+            f"{stats.get('frames_sent')} frames sent, {stats.get('audio_in_resyncs')} audio "
+            f"input resyncs, target delay {lat.get('target_delay_ms')} ms (inserted "
+            f"{lat.get('delay_inserted_ms')} ms, dropped {lat.get('delay_dropped_ms')} ms), "
+            f"stages {lat.get('stages_ms')}, tier {gen.get('size')}/{gen.get('steps')} steps")
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:

@@ -90,7 +90,8 @@ async function start() {
           server = await r.json();
           window.avatarStats.server = {
             latency: server.latency, generation: server.generation, blocks: server.blocks,
-            silent_blocks: server.silent_blocks, audio_in_resyncs: server.audio_in_resyncs };
+            silent_blocks: server.silent_blocks, frames_sent: server.frames_sent,
+            audio_in_resyncs: server.audio_in_resyncs };
         }
       } catch (e) { /* the next poll will tell */ }
     }, 2000));
