@@ -160,11 +160,16 @@ def _free_port() -> int:
 
 
 def start_server(folder: Path, size: str) -> tuple[subprocess.Popen, str]:
-    """`avatar serve` with the preview's marks, on a free loopback port."""
+    """`avatar serve` with the preview's marks, on a free loopback port, its WebRTC viewers kept
+    on the first rung of the output ladder: what the probe measures is the pipeline's latency,
+    and Chromium's bandwidth estimate on loopback was seen to fall to 90-390 kbit/s (0% loss,
+    no queue) a few seconds into a call, which moved the page to the 12.5 fps, 344x196 rung:
+    half the frames gone, and the marks scaled until their frame numbers misread."""
     port = _free_port()
     config = folder / "probe.toml"
     config.write_text(f'[server]\nport = {port}\n[webrtc]\nhost_addresses = ["127.0.0.1"]\n'
-                      f'[sessions]\ndefault_size = "{size}"\n[engine]\npreview_marks = true\n')
+                      f'[sessions]\ndefault_size = "{size}"\n[engine]\npreview_marks = true\n'
+                      '[media]\nadapt_variants = false\n')
     proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "serve", "--config",
                              str(config)], stdout=subprocess.DEVNULL,
                             stderr=open(folder / "server.log", "w"),  # noqa: SIM115
@@ -261,7 +266,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="length of the call (default 30)")
     p.add_argument("--size", default="448*256", help="generation size (default 448*256)")
     p.add_argument("--url", help="a running server whose preview has [engine] preview_marks "
-                                 "(default: start one)")
+                                 "(default: start one; best with [media] adapt_variants = "
+                                 "false, so the page is not moved to a scaled rung)")
     p.add_argument("--chromium", default=CHROMIUM, help=f"the browser (default {CHROMIUM})")
     p.add_argument("--min-onsets", type=int, default=5,
                    help="fewer matched onsets than this is a failure (exit 1; default 5)")

@@ -190,10 +190,11 @@ class ResidualBlock(nn.Module, _Fused):
         return x + h
 
 
-def _head(self: _Fused, head: nn.Sequential, x: torch.Tensor,
+def _head(owner: _Fused, head: nn.Sequential, x: torch.Tensor,
           cache: CausalCache | None) -> torch.Tensor:
-    norm, _, conv = head  # RMSNorm, SiLU, CausalConv3d
-    return conv.forward_normed(norm, x, cache, self.fuse)
+    """The encoder's or decoder's head (RMSNorm, SiLU, CausalConv3d) through `owner.fuse`."""
+    norm, _, conv = head
+    return conv.forward_normed(norm, x, cache, owner.fuse)
 
 
 class AttentionBlock(nn.Module):

@@ -124,23 +124,27 @@ class Client:
             self._consume(track), name=f"client-{track.kind}"))
 
     async def _consume(self, track) -> None:  # noqa: ANN001
-        rec = self.recording
+        take = self.on_video if track.kind == "video" else self.on_audio
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            now = time.monotonic()
-            if track.kind == "video":
-                rgb = frame.to_ndarray(format="rgb24")
-                rec.video_size = (rgb.shape[1], rgb.shape[0])
-                rec.video.append((frame.pts, now, mouth_dark_fraction(rgb)))
-            else:
-                pcm = frame.to_ndarray().astype(np.float32).reshape(-1, len(frame.layout.channels))
-                mono = pcm.mean(axis=1) / 32768.0
-                step = frame.sample_rate // 200  # 5 ms
-                rms = np.sqrt(np.mean(mono[: len(mono) // step * step].reshape(-1, step) ** 2, axis=1))
-                rec.audio.append((frame.pts, now, rms))
+            take(frame, time.monotonic())
+
+    def on_video(self, frame: av.VideoFrame, now: float) -> None:
+        """A decoded video frame, received at `now` (time.monotonic()): recorded."""
+        rgb = frame.to_ndarray(format="rgb24")
+        self.recording.video_size = (rgb.shape[1], rgb.shape[0])
+        self.recording.video.append((frame.pts, now, mouth_dark_fraction(rgb)))
+
+    def on_audio(self, frame: av.AudioFrame, now: float) -> None:
+        """A decoded audio frame: its loudness per 5 ms recorded."""
+        pcm = frame.to_ndarray().astype(np.float32).reshape(-1, len(frame.layout.channels))
+        mono = pcm.mean(axis=1) / 32768.0
+        step = frame.sample_rate // 200  # 5 ms
+        rms = np.sqrt(np.mean(mono[: len(mono) // step * step].reshape(-1, step) ** 2, axis=1))
+        self.recording.audio.append((frame.pts, now, rms))
 
     def origin(self, kind: str) -> int:
         """The first RTP timestamp aiortc saw for `kind` (its decoded pts are relative to it)."""
@@ -157,6 +161,13 @@ class Client:
                 await task
 
 
+async def _offer(client: Client) -> str:
+    """The client's offer, made once its transceivers are added (RTCP reports recorded)."""
+    _patch_receivers(client.pc, client.reports)
+    await client.pc.setLocalDescription(await client.pc.createOffer())
+    return client.pc.localDescription.sdp
+
+
 async def call(http: ClientSession, session: dict, signal: np.ndarray | None = None,
                mic: SignalTrack | None = None) -> Client:
     """Connect as the caller: the synthetic mic (`mic`, or one playing `signal`) goes in, the
@@ -166,11 +177,9 @@ async def call(http: ClientSession, session: dict, signal: np.ndarray | None = N
         mic = SignalTrack(signal if signal is not None else bursts(10.0))
     client.pc.addTrack(mic)
     client.pc.addTransceiver("video", direction="recvonly")
-    _patch_receivers(client.pc, client.reports)
-    await client.pc.setLocalDescription(await client.pc.createOffer())
-    async with http.post(session["urls"]["offer"], json={
-            "sdp": client.pc.localDescription.sdp, "type": "offer"},
-            headers={"Authorization": f"Bearer {session['token']}"}) as r:
+    sdp = await _offer(client)
+    async with http.post(session["urls"]["offer"], json={"sdp": sdp, "type": "offer"},
+                         headers={"Authorization": f"Bearer {session['token']}"}) as r:
         body = await r.json()
         assert r.status == 200, body
     client.peer_id = body["peer_id"]
@@ -178,13 +187,15 @@ async def call(http: ClientSession, session: dict, signal: np.ndarray | None = N
     return client
 
 
-async def whep(http: ClientSession, session: dict) -> Client:
-    client = Client()
+async def whep(http: ClientSession, session: dict, client: Client | None = None,
+               audio: bool = True) -> Client:
+    """Watch the session through WHEP (video, and audio unless `audio` is false)."""
+    client = Client() if client is None else client
     client.pc.addTransceiver("video", direction="recvonly")
-    client.pc.addTransceiver("audio", direction="recvonly")
-    _patch_receivers(client.pc, client.reports)
-    await client.pc.setLocalDescription(await client.pc.createOffer())
-    async with http.post(session["urls"]["whep"], data=client.pc.localDescription.sdp,
+    if audio:
+        client.pc.addTransceiver("audio", direction="recvonly")
+    sdp = await _offer(client)
+    async with http.post(session["urls"]["whep"], data=sdp,
                          headers={"Authorization": f"Bearer {session['token']}",
                                   "Content-Type": "application/sdp"}) as r:
         text = await r.text()
