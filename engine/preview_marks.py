@@ -9,7 +9,10 @@ Two marks, both made to survive H.264 at low bitrates and any scaling of the fra
   (`avatar latency-probe`, client/web/probe.js).
 - the **frame code**: the frame number (16 bits, least significant first, and a parity cell)
   as black and white cells along the bottom edge, so a receiver knows which generated frame it
-  is showing: a frame shown again (the engine was late) reads the same number twice.
+  is showing: a frame shown again (the engine was late) reads the same number twice. The cells
+  are 1/32 of the width, fractional, so they are read back at any output rung's scale (with
+  whole-pixel cells a 344-wide rung of a 448-wide frame was read a growing part of a cell off,
+  and its higher bits shifted: numbers about twice the real ones).
 
 `read_frame_code` and `onset_patch_lit` read them back from a decoded picture (tests).
 Numpy only.
@@ -59,8 +62,20 @@ def patch_box(width: int, height: int) -> tuple[int, int, int, int]:
     return width - side, 0, width, side
 
 
-def code_cell(width: int) -> int:
-    return max(4, width // 32)
+def code_cell(width: int) -> float:
+    """The side of a code cell: 1/32 of the width, kept fractional so that a reader of a scaled
+    picture (a smaller output rung) finds the cells where the scaling put them."""
+    return max(4.0, width / 32)
+
+
+def _px(v: float) -> int:
+    """Half up, as the page's Math.round (Python's round goes to even)."""
+    return int(np.floor(v + 0.5))
+
+
+def _cell_span(i: int, cell: float) -> tuple[int, int]:
+    """Columns of cell i (the code starts one cell in from the left edge)."""
+    return _px((i + 1) * cell), _px((i + 2) * cell)
 
 
 def draw_marks(frame: np.ndarray, n: int, onset: bool) -> None:
@@ -71,9 +86,10 @@ def draw_marks(frame: np.ndarray, n: int, onset: bool) -> None:
     cell = code_cell(w)
     bits = [(n >> i) & 1 for i in range(CODE_BITS)]
     bits.append(sum(bits) % 2)
-    top = h - cell
+    top = h - _px(cell)
     for i, bit in enumerate(bits):
-        frame[top:h, (i + 1) * cell:(i + 2) * cell] = 255 if bit else 0
+        a, b = _cell_span(i, cell)
+        frame[top:h, a:b] = 255 if bit else 0
 
 
 def _luma(region: np.ndarray) -> float:
@@ -91,11 +107,12 @@ def read_frame_code(rgb: np.ndarray) -> int | None:
     """The frame number stamped in a decoded picture, or None if it does not read back."""
     h, w = rgb.shape[:2]
     cell = code_cell(w)
-    top, q = h - cell, max(1, cell // 4)
+    q = max(1, _px(cell / 4))  # the inner half: edges blur in the codec and the scaler
+    top = h - _px(cell)
     bits = []
     for i in range(CODE_CELLS):
-        x = (i + 1) * cell
-        bits.append(_luma(rgb[top + q:h - q, x + q:x + cell - q]) > 128)
+        a, b = _cell_span(i, cell)
+        bits.append(_luma(rgb[top + q:h - q, a + q:b - q]) > 128)
     if sum(bits[:CODE_BITS]) % 2 != bits[CODE_BITS]:
         return None
     return sum(1 << i for i, bit in enumerate(bits[:CODE_BITS]) if bit)

@@ -55,12 +55,13 @@ function readMarks(data, w, h) {
   const [x0, y0, x1, y1] = patchBox(w, h);
   const q = Math.floor((x1 - x0) / 4);
   const lit = meanLuma(data, w, x0 + q, y0 + q, x1 - q, y1 - q) > 160;
-  const cell = Math.max(4, Math.floor(w / 32));
-  const top = h - cell, m = Math.max(1, Math.floor(cell / 4));
+  // cells of w/32, fractional: the page may see a scaled output rung (engine/preview_marks.py)
+  const cell = Math.max(4, w / 32);
+  const top = h - Math.round(cell), m = Math.max(1, Math.round(cell / 4));
   const bits = [];
   for (let i = 0; i <= CODE_BITS; i++) {
-    const x = (i + 1) * cell;
-    bits.push(meanLuma(data, w, x + m, top + m, x + cell - m, h - m) > 128 ? 1 : 0);
+    const a = Math.round((i + 1) * cell), b = Math.round((i + 2) * cell);
+    bits.push(meanLuma(data, w, a + m, top + m, b - m, h - m) > 128 ? 1 : 0);
   }
   const ones = bits.slice(0, CODE_BITS).reduce((a, b) => a + b, 0);
   const code = ones % 2 === bits[CODE_BITS]

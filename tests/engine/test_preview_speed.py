@@ -67,6 +67,21 @@ def test_marks_read_back_and_mark_onsets() -> None:
     assert lit == [False] * 4 + [True] * 4 + [False] * 5 + [True]
 
 
+@pytest.mark.parametrize("size", [(344, 196), (256, 146), (320, 184), (704, 402)])
+def test_marks_read_back_at_every_output_rungs_scale(size: tuple[int, int]) -> None:
+    """An output variant scales the generated frame (448x256 -> 344x196 is the ladder's third
+    rung) through the encoder's scaler: the frame number and the patch still read back."""
+    import cv2
+
+    for n in (0, 37, 1234, 40000, 65535):
+        frame = np.full((256, 448, 3), 90, np.uint8)
+        draw_marks(frame, n, onset=n % 2 == 0)
+        scaled = cv2.resize(frame, size, interpolation=cv2.INTER_AREA if size[0] < 448
+                            else cv2.INTER_LINEAR)
+        assert read_frame_code(scaled) == n, (size, n)
+        assert onset_patch_lit(scaled) == (n % 2 == 0)
+
+
 def test_marked_frames_come_from_the_engine() -> None:
     engine = PreviewEngine(EngineConfig(preview_marks=True))
     session = engine.open_session(SessionParams(size="256*128"))
