@@ -166,13 +166,13 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.gamma, self.scale)
 
 
-class _Fused:
+class FusedPrelude:
     """Modules whose norm -> SiLU -> causal conv runs through `fuse` (the model's choice)."""
 
     fuse: Fuse = staticmethod(norm_silu_pad)
 
 
-class ResidualBlock(nn.Module, _Fused):
+class ResidualBlock(nn.Module, FusedPrelude):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         # indices match the checkpoint: residual.{0,2,3,6} and the optional shortcut
@@ -190,7 +190,7 @@ class ResidualBlock(nn.Module, _Fused):
         return x + h
 
 
-def _head(owner: _Fused, head: nn.Sequential, x: torch.Tensor,
+def _head(owner: FusedPrelude, head: nn.Sequential, x: torch.Tensor,
           cache: CausalCache | None) -> torch.Tensor:
     """The encoder's or decoder's head (RMSNorm, SiLU, CausalConv3d) through `owner.fuse`."""
     norm, _, conv = head
@@ -298,7 +298,7 @@ def _run(layers: nn.Sequential, x: torch.Tensor, cache: CausalCache | None) -> t
     return x
 
 
-class Encoder3d(nn.Module, _Fused):
+class Encoder3d(nn.Module, FusedPrelude):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
@@ -325,7 +325,7 @@ class Encoder3d(nn.Module, _Fused):
         return _head(self, self.head, x, cache)
 
 
-class Decoder3d(nn.Module, _Fused):
+class Decoder3d(nn.Module, FusedPrelude):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         mult = cfg.dim_mult

@@ -79,7 +79,7 @@ def compile_vae(vae: nn.Module, mode: str = "default", backend: str = "inductor"
     kernels; the convolutions stay cuDNN's. Shapes are static: a decode stream compiles one
     graph per (channels, frames, height, width) it meets, with and without history (about 20
     per size, all in a session's first blocks) and none after. Returns the modules switched."""
-    from engine.models.vae import _Fused, norm_silu_pad
+    from engine.models.vae import FusedPrelude, norm_silu_pad
 
     if mode not in MODES:
         raise ConfigError(f"engine.compile_mode={mode!r}: accepted {MODES}")
@@ -92,7 +92,7 @@ def compile_vae(vae: nn.Module, mode: str = "default", backend: str = "inductor"
     fused = torch.compile(norm_silu_pad, **options)
     count = 0
     for module in vae.modules():
-        if isinstance(module, _Fused):
+        if isinstance(module, FusedPrelude):
             module.fuse = fused
             count += 1
     log.info("torch.compile of the VAE's norm/SiLU/padding before %d convolution sites", count)
