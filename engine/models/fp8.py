@@ -102,8 +102,7 @@ def quantize_linears(model: nn.Module, scaling: str = "tensor",
     """
     if scaling not in SCALINGS:
         raise ValueError(f"fp8 scaling {scaling!r}: accepted {SCALINGS}")
-    targets = [name for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and not name.startswith(keep)]
+    targets = [name for name, mod in model.named_modules() if _replaced(name, mod, keep)]
     for name in targets:
         owner, _, leaf = name.rpartition(".")
         parent = model.get_submodule(owner) if owner else model
@@ -129,18 +128,24 @@ def quantize_on_load(model: nn.Module, key: str, value: torch.Tensor, scaling: s
     if scaling not in SCALINGS:
         raise ValueError(f"fp8 scaling {scaling!r}: accepted {SCALINGS}")
     owner, _, leaf = key.rpartition(".")
-    if leaf != "weight" or not owner or owner.startswith(keep):
+    if leaf != "weight" or not owner:
         return False
     parent_name, _, name = owner.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     linear = getattr(parent, name, None)
-    if not isinstance(linear, nn.Linear):
+    if not _replaced(owner, linear, keep):
         return False
+    assert isinstance(linear, nn.Linear)
     with torch.no_grad():
         q, scale = quantize(value, scaling)
     bias = None if linear.bias is None else linear.bias.detach()
     setattr(parent, name, FP8Linear(q, scale, bias, scaling))
     return True
+
+
+def _replaced(name: str, module: object, keep: tuple[str, ...]) -> bool:
+    """Whether FP8 replaces this module: an nn.Linear outside the `keep` names."""
+    return isinstance(module, nn.Linear) and not name.startswith(keep)
 
 
 def weight_bytes(model: nn.Module) -> int:

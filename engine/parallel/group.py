@@ -251,16 +251,20 @@ class RankGroup:
             .split(": ", 1)[1]
 
     def fail(self, reason: str) -> None:
-        # the lock makes "first failure wins" hold when the monitor and a reader thread see
-        # the same death at once; the reason is stored before `down` turns true, so whoever
-        # sees `down` can say why
+        if self._go_down(reason):
+            log.error("GPU group failed: %s", reason)
+            self.on_down(reason)
+
+    def _go_down(self, reason: str) -> bool:
+        """Mark the group down for `reason`; False if it already was. The lock makes "first
+        one wins" hold when the monitor and a reader thread see the same death at once; the
+        reason is stored before `down` turns true, so whoever sees `down` can say why."""
         with self._fail_lock:
             if self._down.is_set():
-                return
+                return False
             self.reason = reason
             self._down.set()
-        log.error("GPU group failed: %s", reason)
-        self.on_down(reason)
+            return True
 
     @property
     def down(self) -> bool:
@@ -279,7 +283,7 @@ class RankGroup:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Ask every rank to finish, wait for them, then kill what is left."""
-        self._stopping("the server is stopping it")
+        self._go_down("the server is stopping it")
         self.send_all(msg.Stop())
         for ch in self.channels.values():
             ch.flush(1.0)
@@ -288,16 +292,10 @@ class RankGroup:
             p.join(max(0.0, end - time.monotonic()))
         self.kill()
 
-    def _stopping(self, reason: str) -> None:
-        with self._fail_lock:
-            if not self._down.is_set():
-                self.reason = reason
-                self._down.set()
-
     def kill(self) -> None:
         """End the group now: close every socket (a rank exits when its server goes away) and
         kill the spawned processes still there."""
-        self._stopping("the server is stopping it")
+        self._go_down("the server is stopping it")
         for ch in self.channels.values():
             ch.close()
         for p in self.processes.values():

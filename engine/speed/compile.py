@@ -34,6 +34,20 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 GRAPH_CACHE = 64  # graphs per compiled function: fill levels x sizes, with room to spare
 
 
+def _compile_options(mode: str, backend: str, inductor_mode: str | None = None
+                     ) -> dict[str, Any]:
+    """torch.compile's options for `mode` (checked), static shapes, and room in dynamo's cache
+    for a graph per shape."""
+    if mode not in MODES:
+        raise ConfigError(f"engine.compile_mode={mode!r}: accepted {MODES}")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                GRAPH_CACHE)
+    options: dict[str, Any] = {"dynamic": False, "backend": backend}
+    if backend == "inductor":
+        options["mode"] = inductor_mode or mode
+    return options
+
+
 def _layer(block: DiTBlock, x: torch.Tensor, e0: torch.Tensor, attn: SelfAttention,
            text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor:
     return block(x, e0, 0, attn, text_k, text_v)  # 0: the attention is bound to its layer
@@ -43,15 +57,9 @@ class CompiledLayers:
     """An `engine.models.dit.LayerRunner` whose block and injection are compiled."""
 
     def __init__(self, mode: str = "default", backend: str = "inductor"):
-        if mode not in MODES:
-            raise ConfigError(f"engine.compile_mode={mode!r}: accepted {MODES}")
         self.mode = mode
         self.cuda_graphs = mode == "reduce-overhead"
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
-                                                    GRAPH_CACHE)
-        options: dict[str, Any] = {"dynamic": False, "backend": backend}
-        if backend == "inductor":
-            options["mode"] = mode
+        options = _compile_options(mode, backend)
         self._block = torch.compile(_layer, **options)
         self._inject = torch.compile(inject_audio, **options)
         log.info("torch.compile of the DiT layer: mode %s, backend %s (graphs compile during "
@@ -81,15 +89,9 @@ def compile_vae(vae: nn.Module, mode: str = "default", backend: str = "inductor"
     per size, all in a session's first blocks) and none after. Returns the modules switched."""
     from engine.models.vae import FusedPrelude, norm_silu_pad
 
-    if mode not in MODES:
-        raise ConfigError(f"engine.compile_mode={mode!r}: accepted {MODES}")
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
-                                                GRAPH_CACHE)
-    options: dict[str, Any] = {"dynamic": False, "backend": backend}
-    if backend == "inductor":
-        # (CUDA graphs would pin every activation of the decode; the fusion is what pays)
-        options["mode"] = "default" if mode == "reduce-overhead" else mode
-    fused = torch.compile(norm_silu_pad, **options)
+    # (CUDA graphs would pin every activation of the decode; the fusion is what pays)
+    fused = torch.compile(norm_silu_pad, **_compile_options(
+        mode, backend, inductor_mode="default" if mode == "reduce-overhead" else mode))
     count = 0
     for module in vae.modules():
         if isinstance(module, FusedPrelude):

@@ -120,5 +120,5 @@ def test_whoever_sees_the_group_down_can_say_why() -> None:
     assert len(reports) == 1 and group.down and group.reason == reports[0]
     assert reports[0] in str(group_failed(group.reason)) and "restarting" in str(
         group_failed(group.reason))
-    group._stopping("the server is stopping it")  # a later stop keeps the first reason
+    group.kill()  # a later stop keeps the first reason
     assert group.reason == reports[0]
