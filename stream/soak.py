@@ -95,15 +95,29 @@ def verdict(samples: list[Sample], idle: Sample, final: Sample) -> tuple[bool, d
     """Flat: the last third of the run is no higher than its middle third (beyond a
     tolerance), and once every client has gone the per-client resources (file descriptors,
     tasks) are back to their idle figures. Memory and threads are not compared with idle: the
-    first sessions load codecs and start the encoder and set-up pools, which stay."""
+    first sessions load codecs and start the encoder and set-up pools, which stay.
+
+    The per-client resources come and go with the clients, whose number at a sample is chance
+    (viewers join and leave every few seconds): they are compared per client above idle, at the
+    run's median number of clients, so the tolerance keeps its units (a leak of 15 tasks over
+    the run is 15 tasks either way) and a sample taken while 8 viewers watched is not read as
+    growth over one taken while 3 did (seen: +15.5 tasks, -0.2 per client)."""
     third = max(1, len(samples) // 3)
     middle, last = samples[third:2 * third] or samples, samples[2 * third:] or samples
     growth: dict[str, float] = {}
     ok = final.sessions == 0 and final.viewers == 0
+    clients = statistics.median(s.sessions + s.viewers for s in samples)
+
+    def level(s: Sample, name: str) -> float:
+        if name not in ("fds", "tasks"):
+            return float(getattr(s, name))
+        above = getattr(s, name) - getattr(idle, name)
+        return above / max(1, s.sessions + s.viewers) * clients
+
     for name, run_slack, idle_slack in (("rss_mb", 15.0, None), ("fds", 8, 4),
                                         ("threads", 3, None), ("tasks", 15, 2)):
-        mid = statistics.median(getattr(s, name) for s in middle)
-        end = statistics.median(getattr(s, name) for s in last)
+        mid = statistics.median(level(s, name) for s in middle)
+        end = statistics.median(level(s, name) for s in last)
         growth[f"{name}_run"] = round(end - mid, 2)
         growth[f"{name}_after"] = round(getattr(final, name) - getattr(idle, name), 2)
         ok &= end - mid <= run_slack
