@@ -285,12 +285,28 @@ class RankGroup:
         """Ask every rank to finish, wait for them, then kill what is left."""
         self._go_down("the server is stopping it")
         self.send_all(msg.Stop())
-        for ch in self.channels.values():
-            ch.flush(1.0)
         end = time.monotonic() + timeout_s
+        for ch in self.channels.values():  # (a writer slowed by a busy host gets the time too)
+            ch.flush(max(0.1, end - time.monotonic()))
         for p in self.processes.values():
             p.join(max(0.0, end - time.monotonic()))
+        self._await_goodbyes(end)
         self.kill()
+
+    def _await_goodbyes(self, end: float) -> None:
+        """Until `end`, wait for the ranks the server did not spawn (torchrun's) to close their
+        end of the socket: there is no process to join, and closing ours first would reach a
+        rank that has not yet read its Stop as "the server went away" (exit code 3)."""
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(max(0.0, end - time.monotonic()))  # one reader per socket
+        waiting: dict[Any, Channel] = {c.conn: c for r, c in self.channels.items()
+                                       if r not in self.processes and not c.closed.is_set()}
+        while waiting and (left := end - time.monotonic()) > 0:
+            for conn in mpc.wait(list(waiting), left):
+                try:
+                    waiting[conn].recv()  # a last heartbeat or report, not wanted now
+                except ChannelClosed:
+                    del waiting[conn]
 
     def kill(self) -> None:
         """End the group now: close every socket (a rank exits when its server goes away) and

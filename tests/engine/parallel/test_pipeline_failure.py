@@ -122,3 +122,56 @@ def test_whoever_sees_the_group_down_can_say_why() -> None:
         group_failed(group.reason))
     group.kill()  # a later stop keeps the first reason
     assert group.reason == reports[0]
+
+
+def test_stop_waits_for_a_torchrun_rank_to_read_its_stop() -> None:
+    """A rank the server did not spawn (torchrun's) has no process to join: `stop` waits until
+    it closes its end, reading what it still sends, so a rank still busy with a block reads Stop
+    (and exits 0), not a reset socket (exit code 3). One that never closes is cut off at the
+    timeout."""
+    import threading
+    from multiprocessing.connection import Client, Listener
+
+    from engine.parallel import messages as msg
+    from engine.parallel.channel import Channel
+    from engine.parallel.group import RankGroup
+    from engine.parallel.layout import Layout
+
+    key = b"k" * 16
+    with Listener(("127.0.0.1", 0), family="AF_INET", authkey=key) as listener:
+        seen: dict[int, str] = {}
+
+        def rank(i: int, busy_s: float, leaves: bool) -> None:
+            conn = Client(listener.address, family="AF_INET", authkey=key)
+            # a heartbeat the server has not read when it stops: closing a socket with unread
+            # data resets the connection, and the reset discards the Stop not yet read here
+            conn.send(msg.Beat(i))
+            time.sleep(busy_s)  # a block in flight: not reading yet
+            try:
+                while not isinstance(conn.recv(), msg.Stop):
+                    pass
+                seen[i] = "stop"
+            except (EOFError, OSError) as exc:
+                seen[i] = f"closed: {exc!r}"
+            if leaves:
+                conn.close()
+            else:  # hangs on to the socket until the server closes it
+                with __import__("contextlib").suppress(EOFError, OSError):
+                    conn.recv()
+
+        for case, (busy_s, leaves, timeout_s) in enumerate(((0.6, True, 10.0),
+                                                            (0.0, False, 1.0))):
+            t = threading.Thread(target=rank, args=(case, busy_s, leaves))
+            t.start()
+            group = RankGroup(None, Layout.parse("1"), None, None, key,  # type: ignore[arg-type]
+                              lambda r, m: None, lambda reason: None, spawn=False, threads=1)
+            group.channels[0] = Channel(listener.accept(), "rank0")
+            start = time.monotonic()
+            group.stop(timeout_s)
+            took = time.monotonic() - start
+            t.join(5)
+            assert seen[case] == "stop", (case, seen)
+            if leaves:
+                assert 0.5 < took < 5, took  # waited for the busy rank, then no longer
+            else:
+                assert timeout_s - 0.1 < took < timeout_s + 3, took
