@@ -9,6 +9,8 @@
 #                                            # layouts; then the bench at 704x384 with it (~5 min)
 #   bash tests/engine/gpu/session.sh ranks   # issue 9: one pipeline rank's share per run, on
 #                                            # one GPU: peak memory per rank (~8 min)
+#   bash tests/engine/gpu/session.sh ranks24 # only ranks' 24 GB-card settings (~3 min: for a
+#                                            # session left with little device time)
 #   bash tests/engine/gpu/session.sh pipeline  # issue 9 on a multi-GPU machine (x4 for "4",
 #                                            # x8 for "4+vae"): a whole pipeline vs one GPU
 #
@@ -69,8 +71,13 @@ part_ranks() {  # what each rank of layout 4 / 4+vae holds and runs, FP8, one GP
       >> "$OUT/bench-ranks.jsonl" 2>> "$OUT/bench-ranks.log"
     echo "rank share $share: exit $?"
   done
+  part_ranks24
+}
+
+part_ranks24() {
   # the 24 GB-card question (docs/bench.md, "Rank shares"): no avatar cache (a small card's
   # memory plan leaves it none), the allocator's expandable segments
+  local share
   for share in 4+vae:0 4:0; do
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 90 "$PY" -m engine bench \
       --steps 4 --blocks 4 --json --fp8 --avatar-cache-mb 0 --size "448*256" \
@@ -94,8 +101,9 @@ case "${1:-all}" in
   bf16) part_bf16 ;;
   decode) part_decode ;;
   ranks) part_ranks ;;
+  ranks24) part_ranks24 ;;
   pipeline) part_pipeline ;;
   all) part_tests; part_fast; part_bf16 ;;
-  *) echo "usage: $0 tests|fast|bf16|decode|ranks|pipeline|all" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|fast|bf16|decode|ranks|ranks24|pipeline|all" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
