@@ -129,6 +129,7 @@ def test_stop_waits_for_a_torchrun_rank_to_read_its_stop() -> None:
     it closes its end, reading what it still sends, so a rank still busy with a block reads Stop
     (and exits 0), not a reset socket (exit code 3). One that never closes is cut off at the
     timeout."""
+    import contextlib
     import threading
     from multiprocessing.connection import Client, Listener
 
@@ -156,7 +157,7 @@ def test_stop_waits_for_a_torchrun_rank_to_read_its_stop() -> None:
             if leaves:
                 conn.close()
             else:  # hangs on to the socket until the server closes it
-                with __import__("contextlib").suppress(EOFError, OSError):
+                with contextlib.suppress(EOFError, OSError):
                     conn.recv()
 
         for case, (busy_s, leaves, timeout_s) in enumerate(((0.6, True, 10.0),
