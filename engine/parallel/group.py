@@ -295,8 +295,9 @@ class RankGroup:
 
     def _await_goodbyes(self, end: float) -> None:
         """Until `end`, wait for the ranks the server did not spawn (torchrun's) to close their
-        end of the socket: there is no process to join, and closing ours first would reach a
-        rank that has not yet read its Stop as "the server went away" (exit code 3)."""
+        end of the socket: there is no process to join, and closing ours first raced with ranks
+        that had not yet read their Stop (seen once: a rank exiting 3, "the server closed the
+        control socket", instead of 0)."""
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(max(0.0, end - time.monotonic()))  # one reader per socket
         waiting: dict[Any, Channel] = {c.conn: c for r, c in self.channels.items()

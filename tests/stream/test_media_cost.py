@@ -93,12 +93,16 @@ async def measure(pid: int) -> float:
     return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
 
 
+async def session_info(http: ClientSession, s: dict) -> dict:
+    async with http.get(s["urls"]["session"],
+                        headers={"Authorization": f"Bearer {s['token']}"}) as r:
+        return await r.json()
+
+
 async def feedback(http: ClientSession, s: dict) -> str:
     """What the server's WebRTC peers reported: their variants, keyframe requests, worst loss
     and lowest REMB (a CPU figure that grows with viewers is explained here, or is the fan-out)."""
-    async with http.get(s["urls"]["session"],
-                        headers={"Authorization": f"Bearer {s['token']}"}) as r:
-        peers = (await r.json())["output"]["peers"].values()
+    peers = (await session_info(http, s))["output"]["peers"].values()
     variants = Counter(p["variant"] for p in peers)
     keyframes = sum(sum(p["keyframe_requests"].values()) for p in peers)
     rembs = [p["remb_kbps"] for p in peers if p["remb_kbps"] is not None]
@@ -160,9 +164,7 @@ async def ts_readers(http: ClientSession, s: dict, pid: int, n: int) -> float:
 async def until_no_viewers(http: ClientSession, s: dict) -> None:
     """Until the server has let every viewer go (the next figure must not include them)."""
     async def count() -> int:
-        async with http.get(s["urls"]["session"],
-                            headers={"Authorization": f"Bearer {s['token']}"}) as r:
-            viewers = (await r.json())["viewers"]
+        viewers = (await session_info(http, s))["viewers"]
         return viewers["whep"] + viewers["mpegts"]
 
     deadline = time.monotonic() + 15

@@ -127,7 +127,7 @@ def test_whoever_sees_the_group_down_can_say_why() -> None:
 def test_stop_waits_for_a_torchrun_rank_to_read_its_stop() -> None:
     """A rank the server did not spawn (torchrun's) has no process to join: `stop` waits until
     it closes its end, reading what it still sends, so a rank still busy with a block reads Stop
-    (and exits 0), not a reset socket (exit code 3). One that never closes is cut off at the
+    (and exits 0) before the server's end goes. One that never closes is cut off at the
     timeout."""
     import contextlib
     import threading
@@ -144,8 +144,9 @@ def test_stop_waits_for_a_torchrun_rank_to_read_its_stop() -> None:
 
         def rank(i: int, busy_s: float, leaves: bool) -> None:
             conn = Client(listener.address, family="AF_INET", authkey=key)
-            # a heartbeat the server has not read when it stops: closing a socket with unread
-            # data resets the connection, and the reset discards the Stop not yet read here
+            # a heartbeat the server has not read when it stops (unread data is what makes a
+            # close reset a connection; here the old order still let the Stop be read, so the
+            # test holds `stop` to waiting, below, rather than to a reproduced exit code)
             conn.send(msg.Beat(i))
             time.sleep(busy_s)  # a block in flight: not reading yet
             try:
