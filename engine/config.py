@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from engine.errors import ConfigError, InputError
-from engine.sizing import parse_area
+from engine.sizing import parse_area, parse_size
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 RANDOM_SHAPES = ("auto", "14B", "tiny")
@@ -87,6 +87,10 @@ class EngineConfig:
     audio_lookahead_s: float = 0.16  # and after it (adds this much latency)
     max_sessions: int = 0  # 0: the engine's default (preview 8, wan 1 per process)
     max_size: str = "704*384"  # the largest size budget sessions may use (plans for it)
+    # more sizes the compile warm-up runs (comma-separated, each at most max_size), so that a
+    # session moved to one of them (the latency governor's ladder) never waits for a compile;
+    # the server adds its ladder's sizes (stream.config.engine_config)
+    warm_up_sizes: str = ""
     # the preview engine's speed: 0 as fast as it draws; S > 0: a block at max_size and
     # sampling.steps takes 0.48 / S s of engine time, less at smaller tiers (area x steps)
     preview_speed: float = 0.0
@@ -165,6 +169,7 @@ class EngineConfig:
             parse_area(self.max_size)
         except InputError as exc:
             raise ConfigError(f"{sec}.max_size={self.max_size!r}: {exc}") from None
+        self.extra_warm_up_sizes()
         for key in ("device", "text_device"):
             value = getattr(self, key)
             if not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
@@ -174,6 +179,25 @@ class EngineConfig:
             raise ConfigError(f"{sec}.random_weights=true and {sec}.checkpoint="
                               f"{self.checkpoint!r} exclude each other: empty the checkpoint to "
                               "run random weights, or set random_weights = false")
+
+    def extra_warm_up_sizes(self) -> tuple[str, ...]:
+        """`warm_up_sizes` other than max_size, in order, each once (ConfigError for a size that
+        does not parse or is larger than max_size)."""
+        top = parse_area(self.max_size)
+        out: list[str] = []
+        for size in (s.strip() for s in self.warm_up_sizes.split(",")):
+            if not size:
+                continue
+            try:
+                area = parse_area(size)
+            except InputError as exc:
+                raise ConfigError(f"engine.warm_up_sizes: {size!r}: {exc}") from None
+            if area > top:
+                raise ConfigError(f"engine.warm_up_sizes: {size!r} is larger than max_size "
+                                  f"{self.max_size!r}; list sizes at most max_size")
+            if parse_size(size) != parse_size(self.max_size) and size not in out:
+                out.append(size)
+        return tuple(out)
 
     def _validate_layout(self) -> None:
         from engine.parallel.layout import Layout

@@ -121,28 +121,39 @@ class WanEngine:
         """Run one throw-away session at max_size and time it: its last block's critical path
         is the engine's `block_cost`, which admission and /readyz go by. With compile it runs
         until its rings are full and one block more, so that every graph torch.compile needs
-        for that size exists before the first real session (minutes on a cold cache); without,
-        two blocks (the first pays for lazy set-up): a short calibration whose figure is a
-        little under a full ring's, which the sessions' measured load then corrects. Returns
-        the seconds it took."""
+        for that size exists before the first real session (minutes on a cold cache), and then
+        the same at each of `warm_up_sizes` (the latency governor's other sizes: a session moved
+        there does not stall on a compile); without, two blocks at max_size (the first pays
+        for lazy set-up): a short calibration whose figure is a little under a full ring's,
+        which the sessions' measured load then corrects. Returns the seconds it took."""
         start = time.monotonic()
+        compiling = self.config.compile or self.config.vae_compile
+        busy = self._warm_up_session(self.config.max_size)
+        steps = self.config.sampling.steps
+        self._block_cost = BlockCost(self.config.max_size, steps, busy)
+        log.info("warm-up at %s done in %.1f s: a block at %d steps takes %.3f s (real time: "
+                 "0.48 s)", self.config.max_size, time.monotonic() - start, steps, busy)
+        if compiling:
+            for size in self.config.extra_warm_up_sizes():
+                self._warm_up_session(size)
+        took = time.monotonic() - start
+        log.info("warm-up done in %.1f s", took)
+        return took
+
+    def _warm_up_session(self, size: str) -> float:
+        """One throw-away session at `size`; the critical path of its last block (seconds)."""
         cfg = self.stream_config
         blocks = cfg.ring_frames // cfg.block_frames + 2 if self.config.compile else 2
-        w, h = parse_size(self.config.max_size)
+        w, h = parse_size(size)
+        compiling = self.config.compile or self.config.vae_compile
         log.info("warming up at %dx%d%s: %d blocks", w, h,
-                 " (compiling)" if self.config.compile else "", blocks)
-        session = self.open_session(SessionParams(image=draw_default_face(w, h),
-                                                  size=self.config.max_size))
+                 " (compiling)" if compiling else "", blocks)
+        session = self.open_session(SessionParams(image=draw_default_face(w, h), size=size))
         try:
             busy = [session.next_block(pad_silence=True).timings.busy for _ in range(blocks)]
         finally:
             session.close()
-        steps = self.config.sampling.steps
-        self._block_cost = BlockCost(self.config.max_size, steps, busy[-1])
-        took = time.monotonic() - start
-        log.info("warm-up done in %.1f s: a block at %s, %d steps, takes %.3f s (real time: "
-                 "0.48 s)", took, self.config.max_size, steps, self._block_cost.seconds)
-        return took
+        return busy[-1]
 
     def block_cost(self) -> BlockCost | None:
         """What a block costs at max_size, from the warm-up (None: no warm-up ran)."""

@@ -8,7 +8,7 @@ Frozen dataclasses; every validation error names the dotted key and the accepted
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -377,6 +377,19 @@ class StreamConfig:
             avatars=avatars,
             engine=EngineConfig.parse(engine_raw),
         )
+
+    def engine_config(self) -> EngineConfig:
+        """[engine] as the server starts it: with the latency governor on, its ladder's sizes
+        (those within max_size) added to `warm_up_sizes`, so that a compiling engine compiles
+        them before it reports ready and a step down never waits for a compile."""
+        if not self.latency.governor:
+            return self.engine
+        top = parse_area(self.engine.max_size)
+        sizes = [s.strip() for s in self.engine.warm_up_sizes.split(",") if s.strip()]
+        for tier in self.latency.generation_ladder:
+            if parse_area(tier.size) <= top and tier.size not in sizes:
+                sizes.append(tier.size)
+        return replace(self.engine, warm_up_sizes=",".join(sizes))
 
     @classmethod
     def load(cls, path: str | Path | None) -> StreamConfig:

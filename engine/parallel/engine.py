@@ -484,28 +484,36 @@ class ParallelEngine:
         """One throw-away session at max_size, timed: its last block's critical path (the
         busiest rank's) is the engine's `block_cost`. With compile it runs until its rings are
         full and one block more, so that every graph torch.compile needs exists on every rank
-        before the first real session (minutes on a cold cache); without, two blocks (a short
-        calibration, as `engine.wan_engine.WanEngine.warm_up`). Returns the seconds it took."""
+        before the first real session (minutes on a cold cache), and then the same at each of
+        `warm_up_sizes`; without, two blocks (a short calibration, as
+        `engine.wan_engine.WanEngine.warm_up`). Returns the seconds it took."""
         start = time.monotonic()
+        busy = self._warm_up_session(group, self.config.max_size)
+        self._block_cost = BlockCost(self.config.max_size, self.config.sampling.steps, busy)
+        log.info("group warm-up at %s done in %.1f s: a block takes %.3f s of the busiest "
+                 "rank (real time: 0.48 s)", self.config.max_size, time.monotonic() - start,
+                 busy)
+        if self.config.compile or self.config.vae_compile:
+            for size in self.config.extra_warm_up_sizes():
+                self._warm_up_session(group, size)
+        took = time.monotonic() - start
+        log.info("group warm-up done in %.1f s", took)
+        return took
+
+    def _warm_up_session(self, group: RankGroup, size: str) -> float:
+        """One throw-away session at `size`; its last block's critical path (seconds)."""
         cfg = self.stream_config
         blocks = cfg.ring_frames // cfg.block_frames + 2 if self.config.compile else 2
-        w, h = parse_size(self.config.max_size)
+        w, h = parse_size(size)
         log.info("warming up the group at %dx%d%s: %d blocks", w, h,
                  " (compiling)" if self.config.compile else "", blocks)
-        session = self._open(group, SessionParams(image=draw_default_face(w, h),
-                                                  size=self.config.max_size))
+        session = self._open(group, SessionParams(image=draw_default_face(w, h), size=size))
         try:
             pending = [session.submit_block(pad_silence=True) for _ in range(blocks)]
             busy = [p.result().timings.busy for p in pending]
         finally:
             session.close()
-        self._block_cost = BlockCost(self.config.max_size, self.config.sampling.steps,
-                                     busy[-1])
-        took = time.monotonic() - start
-        log.info("group warm-up done in %.1f s: a block at %s takes %.3f s of the busiest "
-                 "rank (real time: 0.48 s)", took, self.config.max_size,
-                 self._block_cost.seconds)
-        return took
+        return busy[-1]
 
     def block_cost(self) -> BlockCost | None:
         """What a block costs the pipeline at max_size, from the first warm-up (or None)."""

@@ -69,8 +69,9 @@ class Server:
         try:
             if self.engine is None:
                 # loading real weights takes minutes: off the loop, /readyz says "loading"
-                self.engine = await loop.run_in_executor(
-                    None, functools.partial(create_engine, self.cfg.engine, ProgressPrinter()))
+                # (with the governor's sizes to compile ahead: StreamConfig.engine_config)
+                self.engine = await loop.run_in_executor(None, functools.partial(
+                    create_engine, self.cfg.engine_config(), ProgressPrinter()))
             engine = self.engine
             runtime = start_runtime(engine, loop, self.cfg.latency.late_audio_s)
             self.manager = SessionManager(self.cfg, engine, runtime, self.auth, self.executor,

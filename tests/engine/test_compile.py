@@ -128,3 +128,31 @@ def test_inductor_fuses_norm_silu_pad_to_the_eager_values(dtype: torch.dtype) ->
         tol = 0.0 if dtype == torch.float32 else 2 ** -7
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=1e-6)
         torch.testing.assert_close(got_past.float(), want_past.float(), rtol=tol, atol=1e-6)
+
+
+def test_the_compile_warm_up_runs_every_size_a_session_may_move_to(tiny_models,  # noqa: ANN001
+                                                                   monkeypatch) -> None:
+    # the governor's step down must not stall a session on a compile: with compile (or
+    # vae_compile) the warm-up runs max_size, which it times for admission, then each of
+    # warm_up_sizes; without, only the calibration at max_size
+    import dataclasses
+
+    from engine.config import EngineConfig
+    from engine.wan_engine import WanEngine
+
+    engine = WanEngine(tiny_models, EngineConfig(max_size="128*64",
+                                                 warm_up_sizes="64*64,128*64,96*64"))
+    try:
+        ran: list[str] = []
+        monkeypatch.setattr(engine, "_warm_up_session",
+                            lambda size: ran.append(size) or 0.25 * len(ran))
+        engine.warm_up()
+        assert ran == ["128*64"]
+        engine.config = dataclasses.replace(engine.config, vae_compile=True)
+        ran.clear()
+        engine.warm_up()
+        assert ran == ["128*64", "64*64", "96*64"]
+        cost = engine.block_cost()
+        assert cost is not None and (cost.size, cost.seconds) == ("128*64", 0.25)
+    finally:
+        engine.close()

@@ -40,6 +40,9 @@ def test_shipped_config_parses_to_defaults() -> None:
     ({"group_listen": "29600"}, "engine.group_listen='29600': expected HOST:PORT"),
     ({"group_launch": "torchrun"}, "needs a fixed port in engine.group_listen"),
     ({"rank_timeout_s": 0.1}, "engine.rank_timeout_s=0.1 is out of range"),
+    ({"warm_up_sizes": "576*320, 1280*720"},
+     "engine.warm_up_sizes: '1280*720' is larger than max_size '704*384'"),
+    ({"warm_up_sizes": "576"}, "engine.warm_up_sizes: '576'"),
 ])
 def test_bad_values_are_named(raw: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -81,3 +84,10 @@ def test_layouts() -> None:
     assert roles[3].describe(four, 4) == "rank 3: DiT step 3"
     with pytest.raises(ValueError, match="needs 4 or more steps"):
         four.steps_of(0, 3)
+
+
+def test_warm_up_sizes_other_than_max_size_in_order_once() -> None:
+    cfg = EngineConfig.parse({"max_size": "704*384",
+                              "warm_up_sizes": "448*256, 704*384,576*320,448*256,"})
+    assert cfg.extra_warm_up_sizes() == ("448*256", "576*320")
+    assert EngineConfig().extra_warm_up_sizes() == ()

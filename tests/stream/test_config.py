@@ -44,3 +44,12 @@ def test_paths_are_relative_to_the_config(tmp_path: Path) -> None:
     cfg = StreamConfig.load(tmp_path / "c.toml")
     assert cfg.engine.checkpoint == str(tmp_path / "ckpt")
     assert cfg.avatars["me"] == str(tmp_path / "me.jpg")
+
+
+def test_the_engine_compiles_the_governor_s_sizes_ahead() -> None:
+    # a compiling engine warms up every size the latency governor may move a session to
+    cfg = StreamConfig.parse({"engine": {"max_size": "576*320", "warm_up_sizes": "256*128"}})
+    assert cfg.engine_config().warm_up_sizes == "256*128,576*320,448*256"
+    assert cfg.engine_config().extra_warm_up_sizes() == ("256*128", "448*256")
+    off = StreamConfig.parse({"latency": {"governor": False}})
+    assert off.engine_config() == off.engine
