@@ -10,7 +10,7 @@ import logging
 import sys
 
 from engine import commands as engine_commands
-from stream import latency_probe, render, server, soak
+from stream import latency_probe, latency_run, render, server, soak
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_command(sub)
     soak.add_command(sub)
     latency_probe.add_command(sub)
+    latency_run.add_command(sub)
     engine_commands.add_commands(sub)
     return parser
 

@@ -342,7 +342,7 @@ class Session:
         return peer, answer
 
     def frame_sent(self, packet: MediaPacket) -> None:
-        """A viewer's track handed a video frame to its connection."""
+        """A viewer's track (or a bot's socket) handed a video frame to its connection."""
         self.stats.frames_sent += 1
         self.latency.frame_sent(packet)
 

@@ -436,7 +436,7 @@ class BotSocket:
                 await self._send(self.ws.send_bytes(data), len(data))
                 if packet.kind == "video":
                     self.video_frames += 1
-                    self.session.latency.frame_sent(packet)
+                    self.session.frame_sent(packet)  # counted with the viewers' frames
                 else:
                     self.audio_slices += 1
             else:

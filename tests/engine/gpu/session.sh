@@ -11,6 +11,9 @@
 #                                            # one GPU: peak memory per rank (~8 min)
 #   bash tests/engine/gpu/session.sh ranks24 # only ranks' 24 GB-card settings (~3 min: for a
 #                                            # session left with little device time)
+#   bash tests/engine/gpu/session.sh serve   # issue 13: `avatar latency-run` on `avatar serve
+#                                            # --random-weights` at 704x384, every speed path
+#                                            # on; needs the server's wheels in .whl (~8 min)
 #   bash tests/engine/gpu/session.sh pipeline  # issue 9 on a multi-GPU machine (x4 for "4",
 #                                            # x8 for "4+vae"): a whole pipeline vs one GPU
 #
@@ -49,7 +52,7 @@ part_tests() {
 }
 
 part_fast() {  # the issue's command at the three sizes, every speed path on
-  bench fast --size "704*384,576*320,448*256" --baseline --fp8 --compile
+  bench fast --size "704*384,576*320,448*256" --baseline --fp8 --compile --vae-compile
 }
 
 part_bf16() {  # bf16 alone (no FP8): the step against the bare GEMMs + attention, same run
@@ -86,6 +89,19 @@ part_ranks24() {
   done
 }
 
+part_serve() {
+  # the server's packages the GPU image lacks (aiortc, av, websockets, ...) travel as wheels:
+  # docs/bench.md says how to fetch them into .whl and carry it
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { echo "no wheels in .whl"; return 1; }
+  PYTHONPATH="$PWD:$PWD/client/python:/tmp/site" timeout "$LIMIT" "$PY" -m stream.cli \
+    latency-run --seconds "${RUN_SECONDS:-180}" --size "704*384" --ready-timeout 330 \
+    --serve-arg=--random-weights --set engine.fp8=true --set engine.compile=true \
+    --set engine.vae_compile=true --server-log "$OUT/serve.log" \
+    --json "$OUT/latency-run.json" > "$OUT/latency-run.txt" 2>&1
+  echo "latency-run: exit $?"; tail -8 "$OUT/latency-run.txt"
+}
+
 part_pipeline() {  # needs as many GPUs as the layout has ranks (nvidia-h200-x4 / -x8)
   local layout="${LAYOUT:-4}"
   timeout "$LIMIT" "$PY" -m engine bench --steps 4 --blocks 16 --json --fp8 --compile \
@@ -102,8 +118,9 @@ case "${1:-all}" in
   decode) part_decode ;;
   ranks) part_ranks ;;
   ranks24) part_ranks24 ;;
+  serve) part_serve ;;
   pipeline) part_pipeline ;;
   all) part_tests; part_fast; part_bf16 ;;
-  *) echo "usage: $0 tests|fast|bf16|decode|ranks|ranks24|pipeline|all" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|fast|bf16|decode|ranks|ranks24|serve|pipeline|all" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
