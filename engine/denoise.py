@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.conditioning import prefill_sink
 from engine.kv_cache import StepAttention, StepKV
 from engine.models.dit import AudioTokens, LayerRunner, SinkKV, TextKV, WanS2VDiT
 from engine.models.rope import RopeAngles
@@ -44,11 +43,15 @@ def block_noise(seed: int, block: int, shape: tuple[int, ...]) -> torch.Tensor:
 
 @dataclass
 class Conditioning:
-    """Session-constant inputs of every step: text K/V and the sink (replaced on refresh)."""
+    """Session-constant inputs of every step: text K/V and the sink (replaced on refresh).
+
+    `sink` None: not prefilled yet; `SessionDenoiser.start` prefills it from `ref` straight into
+    the steps' buffers (what a session does when no avatar cache keeps the whole sink)."""
 
     text: TextKV
-    sink: SinkKV
+    sink: SinkKV | None
     motion: torch.Tensor  # [1, 16, 19, h, w]
+    ref: torch.Tensor | None = None  # the reference latent [1, 16, 1, h, w], for that prefill
 
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), float32 [tokens, head_dim / 2]
@@ -89,6 +92,7 @@ class DenoiseStage:
     def velocity(self, latents: torch.Tensor, block: BlockInput) -> torch.Tensor:
         """The model's flow prediction for this step; writes the block into this step's ring."""
         f = latents.shape[2]
+        assert self.cond.sink is not None  # (prefilled by SessionDenoiser.start)
         self.kv.rotate_reference(self.cond.sink, block.ref_rope[self.step])
         attn = StepAttention(self.kv, block.rope, f)
         t = torch.full((1,), self.schedule.timestep(self.step), device=latents.device)
@@ -136,16 +140,23 @@ class SessionDenoiser:
     def start(self, latent_hw: tuple[int, int], cond: Conditioning, schedule: FlowSchedule,
               sink_shared: bool) -> None:
         """Build the stages of `schedule` for blocks of `latent_hw` latents, each with a new
-        K/V buffer holding `cond.sink` and an empty ring (any previous buffers are freed
-        first)."""
+        K/V buffer holding the sink and an empty ring (any previous buffers are freed first):
+        `cond.sink`, or with none, the sink prefilled from `cond.ref` into the buffers."""
         self.stages = []
         self.latent_hw = latent_hw
         self.cond = cond
         self.sink_shared = sink_shared
-        sink = cond.sink
-        self.motion_rope = self.rope.of(to_device(sink.positions[sink.ref_tokens:], self.device))
         if self.layers is not None:
             self.layers.mark_static(*cond.text.keys, *cond.text.values)
+        if cond.sink is None:
+            if cond.ref is None:
+                raise ValueError("a Conditioning without a sink needs its reference latent")
+            tokens, positions, n_ref = self.dit.embed_sink(cond.ref, cond.motion)
+            self._build(schedule, [], sizes=(int(tokens.shape[1]), n_ref))
+            self._prefill_into_stages(tokens, positions, n_ref)
+            return
+        sink = cond.sink
+        self.motion_rope = self.rope.of(to_device(sink.positions[sink.ref_tokens:], self.device))
         self._build(schedule, [])
         self._keep_reference_only()
 
@@ -162,33 +173,55 @@ class SessionDenoiser:
 
     def refresh(self, latent: torch.Tensor) -> None:
         """Re-prefill the sink with `latent` [1, 16, 1, h, w] as the reference (Live-Avatar's
-        rolling sink frame); the new sink is the session's own, never a cache's."""
-        cond = self.cond
-        cond.sink = prefill_sink(self.dit, latent, cond.motion, cond.text)
-        for stage in self.stages:
-            stage.set_sink(cond.sink, self.motion_rope)
+        rolling sink frame); the new sink is the session's own, never a cache's. It is written
+        into the steps' buffers as the prefill makes it, layer by layer, so the old and the new
+        whole sink never take memory at once (the same bits as prefilling first)."""
+        tokens, positions, n_ref = self.dit.embed_sink(latent, self.cond.motion)
+        self._prefill_into_stages(tokens, positions, n_ref)
         self.sink_shared = False
-        self._keep_reference_only()
 
-    def _build(self, schedule: FlowSchedule, buffers: list[StepKV]) -> None:
+    def _prefill_into_stages(self, tokens: torch.Tensor, positions: np.ndarray,
+                             n_ref: int) -> None:
+        """The sink's prefill, each layer's K/V written into the first stage's buffer as it is
+        made (and copied into the other stages' after); the session keeps the reference keys."""
+        self.motion_rope = rope = self.rope.of(to_device(positions[n_ref:], self.device))
+        first = self.stages[0].kv
+        with torch.inference_mode():
+            self.cond.sink = self.dit.prefill_sink(
+                tokens, positions, n_ref, self.cond.text,
+                into=lambda layer, k, v: first.set_sink_layer(layer, k, v, rope))
+            for stage in self.stages[1:]:
+                stage.kv.copy_sink(first)
+
+    def _build(self, schedule: FlowSchedule, buffers: list[StepKV],
+               sizes: tuple[int, int] | None = None) -> None:
+        """Stages for `schedule` over `buffers` (reused) and new buffers holding the sink;
+        `sizes` (sink tokens, reference tokens): new buffers left for a prefill to fill."""
         self.schedule = schedule
         cfg, cond = self.dit.cfg, self.cond
         hh, ww = self.latent_hw
         model = buffers[0] if buffers else None
+        if model is not None:
+            sink_tokens, ref_tokens = model.sink_tokens, model.ref_tokens
+        elif sizes is not None:
+            sink_tokens, ref_tokens = sizes
+        else:
+            assert cond.sink is not None
+            sink_tokens, ref_tokens = int(cond.sink.keys.shape[2]), cond.sink.ref_tokens
         stages = []
         for i in self.owned(schedule.steps):
             if buffers:
                 kv = buffers.pop(0)
             else:
-                kv = StepKV(cfg.num_layers, 1, int(cond.sink.keys.shape[2]) if model is None
-                            else model.sink_tokens, cond.sink.ref_tokens, self.ring_frames,
+                kv = StepKV(cfg.num_layers, 1, sink_tokens, ref_tokens, self.ring_frames,
                             (hh // 2) * (ww // 2), cfg.num_heads, cfg.head_dim, self.dtype,
                             self.device)
                 with torch.inference_mode():
-                    if model is None:
-                        kv.set_sink(cond.sink, self.motion_rope)
-                    else:  # the session's sink may be down to its reference keys by now
+                    if model is not None:  # the session's sink may be down to its reference
                         kv.copy_sink(model)
+                    elif sizes is None:
+                        assert cond.sink is not None
+                        kv.set_sink(cond.sink, self.motion_rope)
                 if self.layers is not None:
                     self.layers.mark_static(*kv.k_layers, *kv.v_layers)
             stages.append(DenoiseStage(self.dit, schedule, i, kv, cond, self.layers))
@@ -197,7 +230,7 @@ class SessionDenoiser:
     def _keep_reference_only(self) -> None:
         """Once every step's buffer holds the sink, the session needs only its reference keys
         (re-rotated per step); the rest is dropped unless a cache shares it."""
-        if not self.sink_shared and self.stages:
+        if not self.sink_shared and self.stages and self.cond.sink is not None:
             self.cond.sink = self.cond.sink.reference_only()
 
     # 2. a block -----------------------------------------------------------------------------
@@ -233,7 +266,10 @@ class SessionDenoiser:
     @property
     def sink_tokens(self) -> int:
         """Tokens of the sink each step attends to (reference + motion)."""
-        return self.stages[0].kv.sink_tokens if self.stages else int(self.cond.sink.keys.shape[2])
+        if self.stages:
+            return self.stages[0].kv.sink_tokens
+        assert self.cond.sink is not None
+        return int(self.cond.sink.keys.shape[2])
 
     @property
     def nbytes(self) -> int:

@@ -189,8 +189,12 @@ class StreamGenerator:
             self.ref_latent = state.ref_latent
         else:
             cond, shared = self._condition(params, clock, key)
-        self.denoiser.start(self.latent_hw, cond, FlowSchedule.make(tier.steps, self.shift),
-                            shared)
+        deferred = cond.sink is None
+        with self.speed.attention.active():
+            self.denoiser.start(self.latent_hw, cond, FlowSchedule.make(tier.steps, self.shift),
+                                shared)
+        if deferred:
+            clock.mark("prefill")
 
     def _condition(self, params: SessionParams, clock: StageClock, key: AvatarKey | None
                    ) -> tuple[Conditioning, bool]:
@@ -210,12 +214,14 @@ class StreamGenerator:
             text = m.dit.text_kv(prompt_context(m.text, self.speed.prompts, params.prompt,
                                                 m.device))
             clock.mark("text")
+            if cache is None or key is None:
+                # nothing keeps the whole sink: the denoiser prefills it into its buffers
+                # (`start`, which marks "prefill"), so it never sits beside them
+                return Conditioning(text, None, motion, ref=self.ref_latent), False
             sink = prefill_sink(m.dit, self.ref_latent, motion, text)
             clock.mark("prefill")
-        shared = False
-        if cache is not None and key is not None:
-            shared = cache.put(key, AvatarState(self.ref_latent, motion, text, sink,
-                                             slots if slots is not None else {}))
+        shared = cache.put(key, AvatarState(self.ref_latent, motion, text, sink,
+                                            slots if slots is not None else {}))
         return Conditioning(text, sink, motion), shared
 
     @property

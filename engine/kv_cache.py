@@ -60,6 +60,16 @@ class StepKV:
         self.v[:, :, :s] = sink.values
         self._rotate_into(self.k[:, :, r:s], sink.keys[:, :, r:], *motion_rope)
 
+    def set_sink_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
+                       motion_rope: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """`set_sink` for one layer, from its K/V [B, S, Hn, Dh] as the prefill makes them (the
+        same bits: the rotation is elementwise, whatever the layers taken at once)."""
+        s, r = self.sink_tokens, self.ref_tokens
+        if keys.shape[1] != s:
+            raise ValueError(f"sink of {keys.shape[1]} tokens does not fit a buffer made for {s}")
+        self.v[layer, :, :s] = values
+        self.k[layer, :, r:s] = apply_rope(keys[:, r:], *motion_rope)
+
     def copy_sink(self, other: StepKV) -> None:
         """Take the sink another step's buffer holds (the same bits `set_sink` would write: the
         values, and the motion keys at their fixed positions; the reference keys are re-rotated

@@ -181,7 +181,8 @@ def plan_memory(dit: DiTConfig, vae: VAEConfig, size: str, *, steps: int = 4,
         per_session.update({
             "rings": steps * ring_bytes(dit, size, ring_frames, b),
             "step_sinks": steps * sink_bytes(dit, size, b),
-            "session_sink": sink_bytes(dit, size, b) * 2 // 5,  # the reference: 1 of 2.5 frames
+            # the reference's keys: half of 1 of 2.5 frames' K/V (its values stay in the buffers)
+            "session_sink": sink_bytes(dit, size, b) // 5,
             "text_kv": dit.num_layers * 2 * dit.text_len * dit.dim * b})
     if "vae" in parts:
         per_session["decoder_cache"] = decoder_cache_bytes(vae, lat_h, lat_w, dtype)

@@ -17,7 +17,7 @@ Hn heads, Dh head_dim, Lt text tokens, Ls sink tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -125,13 +125,14 @@ class SinkKV:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+        return (self.keys.numel() + self.values.numel()) * self.keys.element_size()
 
     def reference_only(self) -> SinkKV:
-        """The reference tokens alone (copied): all a step needs once its buffer holds the
-        motion tokens, since only the reference keys move with the rolling sink."""
+        """The reference tokens' keys alone (copied): all a step needs once its buffer holds
+        the sink, since only the reference keys move with the rolling sink (the values stay
+        where the buffer has them); `values` is empty, so such a sink never fills a buffer."""
         n = self.ref_tokens
-        return SinkKV(self.keys[:, :, :n].clone(), self.values[:, :, :n].clone(), n,
+        return SinkKV(self.keys[:, :, :n].clone(), self.keys.new_empty(0), n,
                       self.positions[:n].copy())
 
     def positions_with_ref_at(self, ref_t: int) -> np.ndarray:
@@ -156,20 +157,33 @@ class SelfAttention(Protocol):
 
 class SinkPrefill:
     """Self-attention of the sink pass: sink tokens attend only to each other; records K/V
-    into [layers, ...] buffers allocated at the first layer (no per-layer list to stack)."""
+    into [layers, ...] buffers allocated at the first layer (no per-layer list to stack).
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, layers: int):
+    With `into`, each layer's K/V go to `into(layer, k, v)` instead (a step's K/V buffer) and
+    only the keys of the first `keep` tokens (the reference's) are recorded, as
+    `SinkKV.reference_only` keeps them: the whole sink's K/V (0.9 GB at 448x256) then never
+    exist beside the buffers they are copied into."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, layers: int,
+                 into: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                 keep: int | None = None):
         self.cos, self.sin = cos, sin
         self.layers = layers
+        self.into, self.keep = into, keep
         self.keys = torch.empty(0)
         self.values = torch.empty(0)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kept = k if self.keep is None else k[:, :self.keep]
         if layer == 0:
-            self.keys = k.new_empty(self.layers, *k.shape)
-            self.values = v.new_empty(self.layers, *v.shape)
-        self.keys[layer] = k
-        self.values[layer] = v
+            self.keys = k.new_empty(self.layers, *kept.shape)
+            self.values = v.new_empty(self.layers, *v.shape) if self.keep is None else \
+                v.new_empty(0)
+        self.keys[layer] = kept
+        if self.keep is None:
+            self.values[layer] = v
+        if self.into is not None:
+            self.into(layer, k, v)
         return attend(apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin), v)
 
 
@@ -312,9 +326,14 @@ class WanS2VDiT(nn.Module):
         lin0, lin2 = self.time_embedding[0], self.time_embedding[2]
         e = F.linear(F.silu(F.linear(sin, lin0.weight.float(), lin0.bias.float())),
                      lin2.weight.float(), lin2.bias.float())
-        proj = self.time_projection[1]
-        e0 = F.linear(F.silu(e), proj.weight.float(), proj.bias.float())
-        return e, e0.unflatten(-1, (6, self.cfg.dim))
+        proj, d, x = self.time_projection[1], self.cfg.dim, F.silu(e)
+        # the projection's float32 weights one modulation group at a time: a float32 copy of
+        # the whole weight is 0.63 GB at the 14B shapes, made on every call beside everything a
+        # pipeline rank on a 24 GB card holds (it was that rank's peak)
+        e0 = torch.stack([F.linear(x, proj.weight[g * d:(g + 1) * d].float(),
+                                   proj.bias[g * d:(g + 1) * d].float()) for g in range(6)],
+                         dim=-2)
+        return e, e0
 
     def embed_sink(self, ref: torch.Tensor, motion: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, int]:
         """Reference [B, 16, 1, H, W] + motion latents [B, 16, Tm, H, W] -> sink tokens.
@@ -350,16 +369,23 @@ class WanS2VDiT(nn.Module):
         return np.concatenate(groups)
 
     def prefill_sink(self, tokens: torch.Tensor, positions: np.ndarray, ref_tokens: int,
-                     text: TextKV) -> SinkKV:
-        """Run the blocks over the sink tokens alone at t=0 and keep each layer's un-roped K/V."""
+                     text: TextKV,
+                     into: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+                     ) -> SinkKV:
+        """Run the blocks over the sink tokens alone at t=0 and keep each layer's un-roped K/V.
+
+        With `into`, every layer's K/V [B, Ls, Hn, Dh] are handed to it as they are made and
+        the result keeps the reference tokens only (what `SinkKV.reference_only` gives)."""
         b = tokens.shape[0]
         _, e0 = self.time_embedding_of(torch.zeros(b, 1, device=tokens.device))
         cos, sin = rope_cos_sin(positions, self.cfg.rope_bands, tokens.device)
-        attn = SinkPrefill(cos, sin, len(self.blocks))
+        attn = SinkPrefill(cos, sin, len(self.blocks), into,
+                           keep=None if into is None else ref_tokens)
         x = tokens[:, None]  # [B, 1, Ls, D]: one modulation group
         for i, block in enumerate(self.blocks):
             x = block(x, e0, i, attn, text.keys[i], text.values[i])
-        return SinkKV(attn.keys, attn.values, ref_tokens, positions)
+        kept = positions if into is None else positions[:ref_tokens].copy()
+        return SinkKV(attn.keys, attn.values, ref_tokens, kept)
 
     # 4b. per block ----------------------------------------------------------------------------
 

@@ -103,9 +103,11 @@ class DiTSession:
                 ref = inputs.ref_latent.tensor(m.device)
                 motion = inputs.motion.tensor(m.device)
                 text = m.dit.text_kv(inputs.context.tensor(m.device))
-                sink = prefill_sink(m.dit, ref, motion, text)
-                cond, shared = Conditioning(text, sink, motion), False
-                if cache is not None:
+                if cache is None:  # prefilled into the steps' buffers by `start`
+                    cond, shared = Conditioning(text, None, motion, ref=ref), False
+                else:
+                    sink = prefill_sink(m.dit, ref, motion, text)
+                    cond = Conditioning(text, sink, motion)
                     shared = cache.put(inputs.key, AvatarState(ref, motion, text, sink))
             self.denoiser.start(self.latent_hw, cond, FlowSchedule.make(tier.steps, self.shift),
                                 shared)
