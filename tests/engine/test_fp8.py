@@ -35,7 +35,10 @@ def test_scaled_mm_equals_dequantised_matmul(scaling: str) -> None:
     qx, sx = quantize(x.reshape(-1, 64), scaling)
     emulated = dequantize(qx, sx) @ dequantize(fp8.weight, fp8.weight_scale.reshape(-1, 1)).T
     emulated = (emulated + lin.bias).view(2, 7, 48)
-    torch.testing.assert_close(got, emulated, rtol=1e-5, atol=1e-5)
+    # the same products, summed in another order: the outlier token's terms (about +-25 each,
+    # cancelling to about 2) leave float32 rounding of a few 1e-5 (4.7e-5 seen on one Xeon,
+    # whose oneDNN kernel for _scaled_mm differs from the one where 1e-5 held)
+    torch.testing.assert_close(got, emulated, rtol=1e-5, atol=1e-4)
     # and it approximates the float32 layer to e4m3 precision
     want = lin(x)
     rel = ((got - want).norm() / want.norm()).item()

@@ -31,15 +31,17 @@ from engine.speed.compile import compile_vae
 def _time_blocks(vae, z, blocks: int, channels_last: bool) -> tuple[float, torch.Tensor]:
     """Median seconds per block after the warm-up, and the frames of every block."""
     cache = CausalCache()
-    frames = [decode_block(vae, z[:, :, :7], cache, channels_last)]  # the session's warm-up
+    frames = [decode_block(vae, z[:, :, :7], cache, channels_last).frames]  # the warm-up
     times = []
     for b in range(blocks):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        frames.append(decode_block(vae, z[:, :, 7 + 3 * b:10 + 3 * b], cache, channels_last))
+        frames.append(decode_block(vae, z[:, :, 7 + 3 * b:10 + 3 * b], cache,
+                                   channels_last).frames)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], torch.cat(frames, dim=2).float()
+    # uint8 [T, H, W, 3] on the host per call (engine.decode.DecodedFrames)
+    return sorted(times)[len(times) // 2], torch.cat(frames, dim=0).float()
 
 
 def main() -> None:
