@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import wave
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stream.child_server import free_port, spawn, wait_ready
 
 FRAME_S = 0.04
 CHROMIUM = "/usr/bin/chromium"
@@ -95,7 +93,7 @@ def match_onsets(sent: Sequence[float], marks: Sequence[tuple[float, int]],
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:
-    """n, median, p95 and max of `values` (seconds)."""
+    """n, median, p95 and max of `values` (in their own unit)."""
     if not len(values):
         return {"n": 0, "median": None, "p95": None, "max": None}
     a = np.asarray(values, np.float64)
@@ -153,44 +151,18 @@ class ProbeResult:
     server: dict[str, Any] = field(default_factory=dict)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(folder: Path, size: str) -> tuple[subprocess.Popen, str]:
     """`avatar serve` with the preview's marks, on a free loopback port, its WebRTC viewers kept
     on the first rung of the output ladder: what the probe measures is the pipeline's latency,
     and Chromium's bandwidth estimate on loopback was seen to fall to 90-390 kbit/s (0% loss,
     no queue) a few seconds into a call, which moved the page to the 12.5 fps, 344x196 rung:
     half the frames gone, and the marks scaled until their frame numbers misread."""
-    port = _free_port()
+    port = free_port()
     config = folder / "probe.toml"
     config.write_text(f'[server]\nport = {port}\n[webrtc]\nhost_addresses = ["127.0.0.1"]\n'
                       f'[sessions]\ndefault_size = "{size}"\n[engine]\npreview_marks = true\n'
                       '[media]\nadapt_variants = false\n')
-    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "serve", "--config",
-                             str(config)], stdout=subprocess.DEVNULL,
-                            stderr=open(folder / "server.log", "w"),  # noqa: SIM115
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return proc, f"http://127.0.0.1:{port}"
-
-
-async def wait_ready(base: str, proc: subprocess.Popen | None, within: float = 60.0) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"{base}/readyz") as r:
-                    if r.status == 200:
-                        return
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{base} was not ready within {within:.0f} s")
+    return spawn(config, folder / "server.log"), f"http://127.0.0.1:{port}"
 
 
 async def probe(base: str, seconds: float, size: str, wav: Path, chromium: str) -> ProbeResult:

@@ -29,10 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,9 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import aiohttp
 import numpy as np
 
+from stream.child_server import free_port, spawn, wait_ready
+from stream.latency_probe import summary as latency_summary
 from stream.soak import RATE, voice
 
 log = logging.getLogger(__name__)
@@ -147,9 +145,7 @@ class RunResult:
             + [c.tier for c in self.changes],
             "settled_after_blocks": self.settled_after_blocks,
             "blocks": last.blocks if last else 0,
-            "latency_ms": {"median": statistics.median(lat) if lat else None,
-                           "p95": float(np.percentile(lat, 95)) if lat else None,
-                           "max": max(lat) if lat else None, "samples": len(lat)},
+            "latency_ms": latency_summary(lat),
             "target_ms": self.target_ms,
             "skipped_blocks": last.skipped_blocks if last else 0,
             "late_blocks": last.late_blocks if last else 0,
@@ -192,44 +188,21 @@ class LatencyRun:
                        for name, keys in sections.items())
 
     def start_server(self, folder: Path) -> subprocess.Popen:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         config = folder / "latency-run.toml"
         config.write_text(self._config(port))
         self.base = f"http://127.0.0.1:{port}"
-        logfile = Path(self.server_log) if self.server_log else folder / "server.log"
-        return subprocess.Popen([sys.executable, "-m", "stream.cli", "serve", "--config",
-                                 str(config), *self.serve_args], stdout=subprocess.DEVNULL,
-                                stderr=open(logfile, "w"),  # noqa: SIM115
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    async def wait_ready(self, http: aiohttp.ClientSession, proc: subprocess.Popen | None
-                         ) -> dict[str, Any]:
-        deadline, shown = time.monotonic() + self.ready_timeout, ""
-        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode} before it was "
-                                   "ready (see its log: --server-log)")
-            with contextlib.suppress(aiohttp.ClientError, json.JSONDecodeError):
-                async with http.get(f"{self.base}/readyz", headers=headers) as r:
-                    body = await r.json()
-                    if r.status == 200:
-                        return dict(body)
-                    state = f"{body.get('status')}{': ' + body['error'] if body.get('error') else ''}"
-                    if state != shown:  # loading and compiling take minutes: say so
-                        print(f"waiting for the server ({state})", flush=True)
-                        shown = state
-            await asyncio.sleep(1.0)
-        raise RuntimeError(f"the server was not ready within {self.ready_timeout:.0f} s")
+        log = Path(self.server_log) if self.server_log else folder / "server.log"
+        return spawn(config, log, tuple(self.serve_args))
 
     async def run(self, report: TextIO) -> RunResult:
         with tempfile.TemporaryDirectory(prefix="avatar-latency-run-") as tmp:
             proc = None if self.base else self.start_server(Path(tmp))
             try:
-                async with aiohttp.ClientSession() as http:
-                    ready = await self.wait_ready(http, proc)
+                headers = {"Authorization": f"Bearer {self.key}"} if self.key else None
+                ready = await wait_ready(  # loading and compiling take minutes: say so
+                    self.base, proc, self.ready_timeout, headers,
+                    lambda status: print(f"waiting for the server ({status})", flush=True))
                 return await self.session(ready, report)
             finally:
                 if proc is not None:
@@ -363,7 +336,7 @@ def command(args: argparse.Namespace) -> int:
     print(f"tiers: {' -> '.join(summary['tiers'])}; settled after "
           f"{summary['settled_after_blocks']} blocks of {summary['blocks']}")
     print(f"latency audio -> frame after settling: median {lat['median']} ms, p95 {lat['p95']} "
-          f"ms, max {lat['max']} ms over {lat['samples']} samples (target {result.target_ms} ms)")
+          f"ms, max {lat['max']} ms over {lat['n']} samples (target {result.target_ms} ms)")
     f = summary["frames"]
     print(f"frames: {f['received']} received, {f['missing']} missing, longest hold "
           f"{f['longest_hold']} frames ({f['longest_hold_after_warm_up']} after the first "

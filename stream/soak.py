@@ -24,10 +24,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,8 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+
+from stream.child_server import free_port, spawn, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,7 @@ class Run:
     # the server ---------------------------------------------------------------------------
 
     def start_server(self, folder: Path) -> subprocess.Popen:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         config = folder / "soak.toml"
         config.write_text(
             f'[server]\nport = {port}\napi_keys = ["{self.key}"]\n'
@@ -187,27 +185,11 @@ class Run:
             '[sessions]\ndefault_size = "256*128"\nidle_timeout_s = 60.0\n'
             f"[engine]\nmax_sessions = {self.sessions + 2}\n")
         self.base = f"http://127.0.0.1:{port}"
-        return subprocess.Popen([sys.executable, "-m", "stream.cli", "serve", "--config",
-                                 str(config)], stdout=subprocess.DEVNULL,
-                                stderr=open(folder / "server.log", "w"),  # noqa: SIM115
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return spawn(config, folder / "server.log")
 
     @property
     def key_header(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
-
-    async def wait_ready(self, proc: subprocess.Popen, within: float = 60.0) -> None:
-        assert self.http is not None
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with self.http.get(f"{self.base}/readyz", headers=self.key_header) as r:
-                    if r.status == 200:
-                        return
-            await asyncio.sleep(0.2)
-        raise RuntimeError(f"the server was not ready within {within:.0f} s")
 
     async def sample(self, started: float) -> Sample:
         from prometheus_client.parser import text_string_to_metric_families
@@ -354,7 +336,7 @@ class Run:
             proc = self.start_server(Path(tmp))
             self.http = aiohttp.ClientSession()
             try:
-                await self.wait_ready(proc)
+                await wait_ready(self.base, proc, headers=self.key_header)
                 started = time.monotonic()
                 await asyncio.sleep(1.0)
                 idle = await self.sample(started)
