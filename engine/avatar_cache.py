@@ -62,10 +62,9 @@ class AvatarState:
     @property
     def nbytes(self) -> int:
         tensors = [self.ref_latent, self.motion, *self.decode_slots.values()]
-        if self.text is not None:
-            tensors += [*self.text.keys, *self.text.values]
+        text = self.text.nbytes if self.text is not None else 0
         sink = self.sink.nbytes if self.sink is not None else 0
-        return sink + sum(t.numel() * t.element_size() for t in tensors)
+        return text + sink + sum(t.numel() * t.element_size() for t in tensors)
 
 
 class AvatarCache:

@@ -283,20 +283,22 @@ def run_bench(config: EngineConfig, opts: BenchOptions, sizes: list[str] | None 
     shapes = model_shapes("tiny" if opts.tiny or device.type == "cpu" else "14B", device)
     torch.manual_seed(opts.seed)
     text_device = resolve_text_device(config.text_device, device)
-    models = build_random_models(shapes, device, dtype, text_device=text_device, seed=opts.seed)
+    models = build_random_models(shapes, device, dtype, text_device=text_device, seed=opts.seed,
+                                 audio_dtype=getattr(torch, config.audio_dtype))
     largest = max(sizes, key=parse_area)
     config = dataclasses.replace(config, max_size=largest)
     head: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "shapes": shapes.name,
         "dtype": str(dtype).removeprefix("torch."), "steps": opts.steps, "blocks": opts.blocks,
-        "text_device": str(text_device),
+        "text_device": str(text_device), "audio_dtype": config.audio_dtype,
     }
     outs: dict[str, dict[str, Any]] = {}
     for size in sizes:
         # the arithmetic of engine.memory for the configured run (its measured peak is beside)
         plan = plan_memory(shapes.dit, shapes.vae, size, steps=opts.steps, dtype=dtype,
                            fp8=config.fp8, wav2vec_params=params_of(models.wav2vec),
+                           wav2vec_dtype=getattr(torch, config.audio_dtype),
                            t5=shapes.t5 if text_device.type == "cuda" else None,
                            avatar_cache_bytes=config.avatar_cache_mb * MB)
         outs[size] = {**head, "size": size, "runs": {},
@@ -359,7 +361,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     raw["text_device"] = args.text_device
     if args.device:
         raw["device"] = args.device
-    for key in EngineConfig.speed_keys() + ("fp8_scaling", "compile_mode"):
+    for key in EngineConfig.speed_keys() + ("fp8_scaling", "compile_mode", "audio_dtype"):
         value = getattr(args, key, None)
         if value is not None:
             raw[key] = value

@@ -13,6 +13,7 @@ from engine.errors import ConfigError, InputError
 from engine.sizing import parse_area, parse_size
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+AUDIO_DTYPES = ("float32", "bfloat16")
 RANDOM_SHAPES = ("auto", "14B", "tiny")
 FP8_SCALINGS = ("tensor", "row")
 ATTENTION_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math")
@@ -83,6 +84,9 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     text_device: str = "auto"  # where umT5 lives: auto | cpu | the compute device
+    # wav2vec2's weights and math: float32 as upstream runs it, or bfloat16 (half its 1.26 GB:
+    # what lets a rank that holds it beside a DiT fit a 24 GB card)
+    audio_dtype: str = "float32"
     audio_left_context_s: float = 4.0  # wav2vec2 window before each block
     audio_lookahead_s: float = 0.16  # and after it (adds this much latency)
     max_sessions: int = 0  # 0: the engine's default (preview 8, wan 1 per process)
@@ -161,6 +165,7 @@ class EngineConfig:
         _in_range(f"{sec}.avatar_cache_mb", self.avatar_cache_mb, 0, 1 << 20)
         _in_range(f"{sec}.preview_speed", self.preview_speed, 0.0, 1000.0)
         _one_of(f"{sec}.dtype", self.dtype, DTYPES)
+        _one_of(f"{sec}.audio_dtype", self.audio_dtype, AUDIO_DTYPES)
         _one_of(f"{sec}.random_shapes", self.random_shapes, RANDOM_SHAPES)
         _one_of(f"{sec}.fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
         _one_of(f"{sec}.attention_backend", self.attention_backend, ATTENTION_BACKENDS)

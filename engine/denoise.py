@@ -146,7 +146,8 @@ class SessionDenoiser:
         self.latent_hw = latent_hw
         self.cond = cond
         self.sink_shared = sink_shared
-        if self.layers is not None:
+        if self.layers is not None and not cond.text.length:
+            # (compact text K/V reach the layers as new full tensors each call: not static)
             self.layers.mark_static(*cond.text.keys, *cond.text.values)
         if cond.sink is None:
             if cond.ref is None:

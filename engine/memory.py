@@ -149,8 +149,8 @@ def plan_memory(dit: DiTConfig, vae: VAEConfig, size: str, *, steps: int = 4,
                 dtype: torch.dtype = torch.bfloat16, fp8: bool = False, sessions: int = 1,
                 ring_frames: int = 12, block_frames: int = 3, t5: UMT5Dims | None = None,
                 wav2vec_params: int = W2V_LARGE_PARAMS, avatar_cache_bytes: int = 0,
-                parts: tuple[str, ...] = ("dit", "vae", "wav2vec"), audio_encoder: bool = True
-                ) -> MemoryPlan:
+                parts: tuple[str, ...] = ("dit", "vae", "wav2vec"), audio_encoder: bool = True,
+                wav2vec_dtype: torch.dtype = torch.float32) -> MemoryPlan:
     """The GPU memory of an engine whose sessions use at most `size` (a W*H area budget).
 
     `t5`: the text encoder's dims when it lives on this GPU (None: elsewhere).
@@ -173,7 +173,7 @@ def plan_memory(dit: DiTConfig, vae: VAEConfig, size: str, *, steps: int = 4,
     if "vae" in parts:
         items["vae_weights"] = vae_params(vae) * b
     if "wav2vec" in parts:
-        items["wav2vec2_weights"] = wav2vec_params * 4
+        items["wav2vec2_weights"] = wav2vec_params * (torch.finfo(wav2vec_dtype).bits // 8)
     if t5 is not None:
         items["text_encoder"] = t5_params(t5) * b
     per_session: dict[str, int] = {}
@@ -269,14 +269,14 @@ def fit_engine(dit: DiTConfig, vae: VAEConfig, t5: UMT5Dims, *, size: str, steps
                avatar_cache_bytes: int, capacity: int, device: str,
                wav2vec_params: int = W2V_LARGE_PARAMS,
                parts: tuple[str, ...] = ("dit", "vae", "wav2vec", "text"),
-               audio_encoder: bool = True) -> Fit:
+               audio_encoder: bool = True, wav2vec_dtype: torch.dtype = torch.float32) -> Fit:
     """Check that the engine fits `capacity` bytes (raising the ConfigError of `check_fits`
     otherwise), put umT5 on the GPU when asked, or for text_device "auto" when it fits with
     10% to spare, and give the avatar cache at most what is left. `parts` and `audio_encoder`:
     one rank of a pipeline (see `plan_memory`); umT5 is only ever where "text" is."""
     models = tuple(p for p in parts if p != "text")
     kw = dict(steps=steps, dtype=dtype, sessions=sessions, wav2vec_params=wav2vec_params,
-              parts=models, audio_encoder=audio_encoder)
+              parts=models, audio_encoder=audio_encoder, wav2vec_dtype=wav2vec_dtype)
     usable = capacity - RESERVE_BYTES
     if "text" not in parts:
         text_device = "cpu"  # (never used here)

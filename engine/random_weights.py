@@ -129,12 +129,13 @@ PARTS = ("dit", "vae", "text", "wav2vec")
 def build_random_models(shapes: ModelShapes, device: torch.device, dtype: torch.dtype,
                         text_device: torch.device | None = None, seed: int = 0,
                         progress: ProgressFn | None = None,
-                        fp8_scaling: str | None = None) -> EngineModels:
-    """Every component at `shapes`, random, on `device` in `dtype` (wav2vec2 and the DiT's
-    audio encoder in float32, as the checkpoint loader keeps them). umT5 is filled on `device`
-    and then moved to `text_device` (default: `device`)."""
+                        fp8_scaling: str | None = None,
+                        audio_dtype: torch.dtype = torch.float32) -> EngineModels:
+    """Every component at `shapes`, random, on `device` in `dtype` (the DiT's audio encoder in
+    float32 and wav2vec2 in `audio_dtype`, as the checkpoint loader keeps them). umT5 is filled
+    on `device` and then moved to `text_device` (default: `device`)."""
     parts = build_random_parts(shapes, PARTS, device, dtype, text_device, seed, progress,
-                               fp8_scaling)
+                               fp8_scaling, audio_dtype)
     return EngineModels(parts["dit"], parts["vae"], parts["text"], parts["wav2vec"], device,
                         dtype, random_weights=True)
 
@@ -142,10 +143,12 @@ def build_random_models(shapes: ModelShapes, device: torch.device, dtype: torch.
 def build_random_parts(shapes: ModelShapes, parts: tuple[str, ...], device: torch.device,
                        dtype: torch.dtype, text_device: torch.device | None = None,
                        seed: int = 0, progress: ProgressFn | None = None,
-                       fp8_scaling: str | None = None) -> dict[str, Any]:
+                       fp8_scaling: str | None = None,
+                       audio_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Some of the components ("dit", "vae", "text", "wav2vec"), each filled from its own seed,
     so that a part is the same whatever else is built beside it (the ranks of a pipeline build
-    only their own). `fp8_scaling`: the DiT quantised as it is filled."""
+    only their own). `fp8_scaling`: the DiT quantised as it is filled; `audio_dtype`: wav2vec2's
+    (its random values are drawn in float32 and rounded, as a checkpoint's would be)."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown model parts {sorted(unknown)}; accepted {PARTS}")
@@ -180,6 +183,8 @@ def build_random_parts(shapes: ModelShapes, parts: tuple[str, ...], device: torc
         with torch.device("meta"):
             w2v = audio_model.build_model(_w2v_config(shapes.wav2vec))
         fill_random(w2v, device, torch.float32, seed + 3, progress=progress, label="wav2vec2")
+        if audio_dtype != torch.float32:
+            w2v.to(audio_dtype)
         finish_module(w2v, "wav2vec2")
         out["wav2vec"] = audio_model.Wav2Vec2Features(w2v)
     return out

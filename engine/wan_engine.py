@@ -100,16 +100,17 @@ class WanEngine:
         if device.type == "cuda":  # before a single weight is read
             config, text_device = fit_on_gpu(config, device, dtype)
         fp8 = config.fp8_scaling if config.fp8 else None  # quantised as it loads
+        audio_dtype = getattr(torch, config.audio_dtype)
         if config.random_weights:
             from engine.random_weights import build_random_models, model_shapes
 
             models = build_random_models(model_shapes(config.random_shapes, device), device,
                                          dtype, text_device=text_device, progress=progress,
-                                         fp8_scaling=fp8)
+                                         fp8_scaling=fp8, audio_dtype=audio_dtype)
         else:
             models = load_models(config.checkpoint, device, dtype, lora=config.lora or None,
                                  lora_alpha=config.lora_alpha, text_device=text_device,
-                                 progress=progress, fp8_scaling=fp8)
+                                 progress=progress, fp8_scaling=fp8, audio_dtype=audio_dtype)
         engine = cls(models, config)
         # a CPU never runs the real model in real time: calibrating there only delays start-up
         # (admission then goes by the measured load of the sessions running)
@@ -214,7 +215,8 @@ def fit_on_gpu(config: EngineConfig, device: torch.device, dtype: torch.dtype
     fit = fit_engine(dit, vae, t5, size=config.max_size, steps=config.sampling.steps,
                      dtype=dtype, fp8=config.fp8, sessions=config.max_sessions or 1,
                      text_device=config.text_device, avatar_cache_bytes=config.avatar_cache_mb * MB,
-                     capacity=capacity, device=name)
+                     capacity=capacity, device=name,
+                     wav2vec_dtype=getattr(torch, config.audio_dtype))
     log.info("GPU memory plan for max_size %s on %s:\n%s", config.max_size, name,
              fit.plan.format())
     text_device = device if fit.text_on_device else torch.device("cpu")

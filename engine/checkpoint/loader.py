@@ -195,7 +195,8 @@ def load_wav2vec(layout: CheckpointLayout, device: torch.device | str, dtype: to
         target = w2v.key_map.get(key)  # type: ignore[union-attr]
         if target is not None:
             counter.add(t)
-            set_tensor(model, target, t.to(device=device, dtype=dtype))
+            set_tensor(model, target, t.to(device=device, dtype=dtype if t.is_floating_point()
+                                           else t.dtype))
 
     if w2v.weights.suffix == ".safetensors":
         with safe_open(str(w2v.weights), "pt") as f:
@@ -249,13 +250,14 @@ def load_models(checkpoint: str | Path, device: torch.device, dtype: torch.dtype
                 lora: str | Path | None = None, lora_alpha: float = 64.0,
                 text_device: torch.device | None = None,
                 progress: ProgressFn | None = None,
-                fp8_scaling: str | None = None) -> EngineModels:
-    """Load and check every component. wav2vec2 stays float32 (small, precision-sensitive);
-    umT5 goes to `text_device` (default: `device`); `fp8_scaling`: the DiT quantised as it
-    loads."""
+                fp8_scaling: str | None = None,
+                audio_dtype: torch.dtype = torch.float32) -> EngineModels:
+    """Load and check every component. wav2vec2 is `audio_dtype` (float32 as upstream runs it,
+    whatever `dtype` is); umT5 goes to `text_device` (default: `device`); `fp8_scaling`: the DiT
+    quantised as it loads."""
     parts = load_parts(checkpoint, ("dit", "vae", "text", "wav2vec"), device, dtype, lora=lora,
                        lora_alpha=lora_alpha, text_device=text_device, progress=progress,
-                       fp8_scaling=fp8_scaling)
+                       fp8_scaling=fp8_scaling, audio_dtype=audio_dtype)
     return EngineModels(parts["dit"], parts["vae"], parts["text"], parts["wav2vec"],
                         torch.device(device), dtype)
 
@@ -263,9 +265,11 @@ def load_models(checkpoint: str | Path, device: torch.device, dtype: torch.dtype
 def load_parts(checkpoint: str | Path, parts: tuple[str, ...], device: torch.device,
                dtype: torch.dtype, lora: str | Path | None = None, lora_alpha: float = 64.0,
                text_device: torch.device | None = None, progress: ProgressFn | None = None,
-               fp8_scaling: str | None = None) -> dict[str, Any]:
+               fp8_scaling: str | None = None,
+               audio_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Some of the components ("dit", "vae", "text", "wav2vec"); the others are None. A rank
-    of a pipeline loads only what it runs. `fp8_scaling`: the DiT quantised as it loads."""
+    of a pipeline loads only what it runs. `fp8_scaling`: the DiT quantised as it loads;
+    `audio_dtype`: wav2vec2's."""
     layout = CheckpointLayout.at(checkpoint)
     started = time.monotonic()
     out: dict[str, Any] = {"dit": None, "vae": None, "text": None, "wav2vec": None}
@@ -285,7 +289,7 @@ def load_parts(checkpoint: str | Path, parts: tuple[str, ...], device: torch.dev
         out["text"] = load_text_encoder(layout, text_device or device, dtype, text_len=text_len,
                                         progress=progress)
     if "wav2vec" in parts:
-        out["wav2vec"] = load_wav2vec(layout, device, torch.float32, progress=progress)
+        out["wav2vec"] = load_wav2vec(layout, device, audio_dtype, progress=progress)
     log.info("loaded %s from %s on %s (%s) in %.1f s", ", ".join(parts), layout.root, device,
              dtype, time.monotonic() - started)
     return out

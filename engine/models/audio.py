@@ -91,7 +91,8 @@ class Wav2Vec2Features(nn.Module):
 
     @torch.no_grad()
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.model.parameters()).dtype
+        # the first layer's dtype (the model's first parameter, masked_spec_embed, is unused)
+        dtype = next(self.model.feature_extractor.parameters()).dtype
         out = self.model(wave.to(dtype), output_hidden_states=True)
         # the transformers 4.x definition under every version (see the module docstring)
         states = (*out.hidden_states[:-1], out.last_hidden_state)

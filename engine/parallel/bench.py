@@ -75,7 +75,7 @@ def _head(config: EngineConfig, opts: BenchOptions, device: torch.device, dtype:
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "shapes": shapes,
             "dtype": str(dtype).removeprefix("torch."), "steps": opts.steps,
-            "blocks": opts.blocks, "fp8": config.fp8}
+            "blocks": opts.blocks, "fp8": config.fp8, "audio_dtype": config.audio_dtype}
 
 
 def _generation(size: str) -> tuple[int, int]:
@@ -239,6 +239,12 @@ def bench_rank_share(config: EngineConfig, opts: BenchOptions, layout_text: str,
         session.set_up(inputs, tier)
         _sync(device)
         out["prefill_ms"] = _ms(time.perf_counter() - start)
+        if device.type == "cuda":  # the set-up's own high-water mark, before any block
+            out["after_setup"] = {
+                "allocated_gb": round(torch.cuda.memory_allocated(device) / GB, 3),
+                "reserved_gib": round(torch.cuda.memory_reserved(device) / GIB, 3),
+                "peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / GB, 3),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 3)}
     audio = StreamingAudioFeatures(None, cfg.audio)
     n = cfg.ring_frames // cfg.block_frames + 1 + opts.blocks
     audio.push(bench_audio((n + 2) * BLOCK_SECONDS + 1.0, opts.seed))
@@ -294,7 +300,8 @@ def bench_rank_share(config: EngineConfig, opts: BenchOptions, layout_text: str,
                        fp8=config.fp8, parts=tuple(p for p in role.parts if p != "text"),
                        audio_encoder=role.tokens,
                        t5=shapes.t5 if role.decoder and text_device == device else None,
-                       wav2vec_params=params_of(models.wav2vec) if models.wav2vec else 0)
+                       wav2vec_params=params_of(models.wav2vec) if models.wav2vec else 0,
+                       wav2vec_dtype=getattr(torch, config.audio_dtype))
     out.update({
         "stage_ms": _ms(med(stages)),
         "features_ms": _ms(med(features)) if features else 0.0,
@@ -304,6 +311,7 @@ def bench_rank_share(config: EngineConfig, opts: BenchOptions, layout_text: str,
                                                      2),
         "weights_gb": {k: round(v / GB, 3) for k, v in models.parameter_bytes().items()},
         "rings_gb": round((session.denoiser.nbytes if session else 0) / GB, 6),
+        "text_kv_gb": round((session.denoiser.cond.text.nbytes if session else 0) / GB, 4),
         "text_device": str(text_device) if role.decoder else None,
         **mem,
         "memory_plan_gb": {k: round(v / GB, 2) for k, v in plan.items.items()},

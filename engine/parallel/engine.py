@@ -98,7 +98,8 @@ class PipelineBlock:
         self.expected = expected  # stage reports to wait for (the DiT ranks')
         self.started = time.perf_counter()
         self.stages: dict[int, msg.StageDone] = {}
-        self.features = 0.0  # wav2vec2 seconds on the VAE rank (a k+vae layout)
+        self.features = 0.0  # wav2vec2 seconds on the features rank, when it is not rank 0
+        self.features_rank = 0
         self.frames: msg.Frames | None = None
         self.frames_at = 0.0
         self._event = threading.Event()
@@ -134,8 +135,8 @@ class PipelineBlock:
         busy = {s.rank: s.busy for s in stages}
         if f.critical:  # the decode held up its rank: the VAE rank's whole stage, or added
             busy[f.rank] = busy.get(f.rank, 0.0) + f.decode + f.postprocess
-        if self.features:  # the VAE rank's GPU computed the features too
-            busy[f.rank] = busy.get(f.rank, 0.0) + self.features
+        if self.features:  # that rank's GPU computed the features too
+            busy[self.features_rank] = busy.get(self.features_rank, 0.0) + self.features
         features = self.features + (stages[0].features if stages and stages[0].rank == 0
                                     else 0.0)
         timings = BlockTimings(features=features, denoise=sum(steps), decode=f.decode,
@@ -409,12 +410,12 @@ class ParallelEngine:
             if p is not None:
                 p.frames, p.frames_at = m, time.monotonic()
                 self._try_complete(p)
-        elif isinstance(m, msg.Features):  # from the VAE rank, for rank 0
+        elif isinstance(m, msg.Features):  # from the features rank, for rank 0
             group.send(0, m)
             with self._lock:
                 p = self._pending.get((m.sid, m.block))
             if p is not None:
-                p.features = m.seconds
+                p.features, p.features_rank = m.seconds, m.rank
         elif isinstance(m, msg.FirstLatent):
             group.send_all(msg.RefreshLatent(m.sid, m.block, m.latent),
                            range(self.layout.dit_ranks))

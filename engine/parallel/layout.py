@@ -7,9 +7,12 @@ the DiT's audio tokens (the DiT's audio encoder) and draws its noise; the tokens
 latents to the other DiT ranks. The features themselves (wav2vec2, 1.3 GB in float32) are
 computed on the VAE rank when there is one, which has memory and time to spare (it holds the
 0.5 GB VAE; a decode is about half a DiT step), so that every DiT rank holds the DiT and its
-rings only (the 24 GB-card case); in a `k` layout, on rank 0. The VAE's rank also encodes every
-session's reference and motion latents and its prompt (umT5 lives there, on its GPU when the
-memory plan leaves room, else on its CPU).
+rings only (the 24 GB-card case). In a `k` layout of 3 or more DiT ranks they go to rank 1,
+which holds neither the audio encoder (rank 0's) nor the VAE (the last rank's): no rank then
+carries two of the three extras, in memory or in time (layout 4 on 24 GB cards; with 1 or 2
+DiT ranks, rank 0 computes them). Features made away from rank 0 reach it through the server.
+The VAE's rank also encodes every session's reference and motion latents and its prompt (umT5
+lives there, on its GPU when the memory plan leaves room, else on its CPU).
 
 Steps are split into contiguous shares, one per DiT rank, in step order. When `steps` is not a
 multiple of `k` the shares differ by one step and the extra steps go to the last ranks (rank 0
@@ -102,8 +105,11 @@ class Layout:
 
     @property
     def features_rank(self) -> int:
-        """Where wav2vec2 runs: the VAE rank if any, else rank 0."""
-        return self.dit_ranks if self.vae_rank else 0
+        """Where wav2vec2 runs: the VAE rank if any, else rank 1 of 3 or more DiT ranks (the
+        one with neither the audio encoder nor the VAE), else rank 0."""
+        if self.vae_rank:
+            return self.dit_ranks
+        return 1 if self.dit_ranks >= 3 else 0
 
     @property
     def last_dit_rank(self) -> int:

@@ -123,13 +123,15 @@ class Plan:
 
 @dataclass(frozen=True)
 class Features:
-    """A block's wav2vec2 features, from the VAE rank (where they are computed in a `k+vae`
-    layout) through the server to rank 0, which turns them into the audio tokens."""
+    """A block's wav2vec2 features, from the rank that computes them (`Layout.features_rank`:
+    the VAE rank of a `k+vae` layout, rank 1 of a `k` layout with k >= 3) through the server
+    to rank 0, which turns them into the audio tokens."""
 
     sid: str
     block: int
     feats: Wire  # [1, 25, 1024, 12] float32
     seconds: float = 0.0
+    rank: int = 0  # where they were computed (its GPU spent `seconds` on them)
 
 
 @dataclass(frozen=True)

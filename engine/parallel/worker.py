@@ -6,7 +6,7 @@ group, loads only its models (`engine.parallel.layout.RankRole.parts`) and says 
 - the **reader** thread reads the control socket: plans and closes go to the plan queue in the
   order the server sent them; encodes and opens to the set-up queue; the inputs of a resize and
   the sink refresh's latents to the mailbox. The server going away ends the process at once.
-- the **features** thread (the VAE rank of a `k+vae` layout) computes each block's wav2vec2
+- the **features** thread (`Layout.features_rank` when it is not rank 0) computes each block's wav2vec2
   features as soon as its plan arrives, ahead of the decode loop, for rank 0 (through the
   server, 1.2 MB a block);
 - the **set-up** thread opens sessions (a DiT rank prefills its sink; the VAE's rank encodes
@@ -198,7 +198,7 @@ class RankWorker:
                     event.synchronize()
                 took = time.perf_counter() - start
                 self.feature_busy.append(took)
-                return msg.Features(m.sid, m.plan.index, msg.Wire.of(host), took)
+                return msg.Features(m.sid, m.plan.index, msg.Wire.of(host), took, self.rank)
 
             self.channel.send_when(make)
 
@@ -445,7 +445,8 @@ def fit_rank(config: EngineConfig, layout: Layout, rank: int, device: torch.devi
                               dtype=dtype, fp8=config.fp8, sessions=sessions,
                               text_device=config.text_device,
                               avatar_cache_bytes=config.avatar_cache_mb * MB, capacity=capacity,
-                              device=where, parts=role.parts, audio_encoder=role.tokens)
+                              device=where, parts=role.parts, audio_encoder=role.tokens,
+                              wav2vec_dtype=getattr(torch, config.audio_dtype))
         except ConfigError:
             if sessions == 1:
                 raise
@@ -465,18 +466,20 @@ def load_rank_models(config: EngineConfig, parts: tuple[str, ...], device: torch
     """This rank's models only, from the checkpoint or as random weights at real shapes; with
     [engine] fp8 the DiT is quantised as it loads (a rank's peak is then its FP8 weights)."""
     fp8 = config.fp8_scaling if config.fp8 else None
+    audio_dtype = getattr(torch, config.audio_dtype)
     if config.random_weights:
         from engine.random_weights import build_random_parts, model_shapes
 
         shapes = model_shapes(config.random_shapes, device)
         got = build_random_parts(shapes, parts, device, dtype, text_device=text_device,
-                                 fp8_scaling=fp8)
+                                 fp8_scaling=fp8, audio_dtype=audio_dtype)
         return RankModels(shapes.dit, device, dtype, random_weights=True, **got)
     from engine.checkpoint import inspect
     from engine.checkpoint.layout import CheckpointLayout
 
     got = load_parts(config.checkpoint, parts, device, dtype, lora=config.lora or None,
-                     lora_alpha=config.lora_alpha, text_device=text_device, fp8_scaling=fp8)
+                     lora_alpha=config.lora_alpha, text_device=text_device, fp8_scaling=fp8,
+                     audio_dtype=audio_dtype)
     dit_cfg = got["dit"].cfg if got["dit"] is not None else \
         inspect.inspect_dit(CheckpointLayout.at(config.checkpoint)).config
     if dit_cfg is None:

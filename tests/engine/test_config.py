@@ -25,6 +25,8 @@ def test_shipped_config_parses_to_defaults() -> None:
     ({"chekpoint": "/x"}, "[engine] has unknown key(s) ['chekpoint']"),
     ({"fp8": "yes"}, "engine.fp8='yes': expected true or false"),
     ({"fp8_scaling": "block"}, "engine.fp8_scaling='block': accepted ('tensor', 'row')"),
+    ({"audio_dtype": "float16"},
+     "engine.audio_dtype='float16': accepted ('float32', 'bfloat16')"),
     ({"attention_backend": "fastest"}, "engine.attention_backend='fastest': accepted"),
     ({"compile_mode": "turbo"}, "engine.compile_mode='turbo': accepted"),
     ({"avatar_cache_mb": -1}, "engine.avatar_cache_mb=-1 is out of range"),
@@ -78,9 +80,15 @@ def test_layouts() -> None:
     # the VAE rank computes the features; rank 0 the audio tokens from them
     assert roles[0].parts == ("dit",) and roles[0].tokens and roles[3].parts == ("dit",)
     assert roles[4].parts == ("vae", "text", "wav2vec") and roles[3].last_dit
-    assert Layout.parse("4").role(0).parts == ("dit", "wav2vec")
+    # layout 4: the features on rank 1, which has neither the audio encoder nor the VAE
+    plain4 = Layout.parse("4")
+    assert [plain4.role(r).parts for r in range(4)] == [
+        ("dit",), ("dit", "wav2vec"), ("dit",), ("dit", "vae", "text")]
+    assert plain4.role(0).tokens and plain4.features_rank == 1
+    assert Layout.parse("3").features_rank == 1
     two = Layout.parse(" 2 ")
     assert two.role(1).parts == ("dit", "vae", "text") and str(two) == "2"
+    assert two.role(0).parts == ("dit", "wav2vec")  # too few ranks to keep them apart
     assert roles[3].describe(four, 4) == "rank 3: DiT step 3"
     with pytest.raises(ValueError, match="needs 4 or more steps"):
         four.steps_of(0, 3)

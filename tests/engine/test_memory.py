@@ -57,6 +57,8 @@ def test_the_plan_meets_the_issue_s_memory_targets() -> None:
     assert set(plan.items) >= {"dit_weights", "rings", "step_sinks", "decoder_cache",
                                "activations", "wav2vec2_weights", "text_kv"}
     assert "total" in plan.format() and "GiB" in plan.format()
+    half = plan_memory(DIT, VAE, "704*384", fp8=True, wav2vec_dtype=torch.bfloat16)
+    assert half.items["wav2vec2_weights"] * 2 == plan.items["wav2vec2_weights"]
 
 
 def test_decoder_cache_by_meta_decode_equals_a_real_one(tiny_models) -> None:  # noqa: ANN001

@@ -187,6 +187,37 @@ def test_wav2vec_gives_all_hidden_states(layout: CheckpointLayout) -> None:
     assert torch.isfinite(feats).all()
 
 
+def test_wav2vec_in_bfloat16_is_close_to_float32(layout: CheckpointLayout) -> None:
+    # [engine] audio_dtype = "bfloat16": half of wav2vec2's memory; its features stay float32
+    # tensors and within bf16 rounding of the float32 model's
+    w32 = load_wav2vec(layout, "cpu", F32)
+    w16 = load_wav2vec(layout, "cpu", torch.bfloat16)
+    assert next(w16.parameters()).dtype == torch.bfloat16
+    wave = normalize_wave(torch.randn(1, 7760, generator=torch.Generator().manual_seed(1)))
+    got, want = w16(wave), w32(wave)
+    assert got.dtype == F32 and got.shape == want.shape
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 0.05, f"bf16 wav2vec2 relative error {err:.4f}"
+
+
+def test_text_kv_keeps_one_padding_row_and_gives_every_row_back(
+        layout: CheckpointLayout) -> None:
+    dit = load_dit(layout, "cpu", F32, lora_alpha=2.0)
+    context = dit_inputs()["context"]  # 9 tokens of text_len
+    with torch.no_grad():
+        full = dit.text_kv(context, compact=False)
+        compact = dit.text_kv(context)
+        long = dit.text_kv(torch.randn(1, dit.cfg.text_len - 1, context.shape[2]))
+    lt = dit.cfg.text_len
+    assert full.length == 0 and full.keys[0].shape[1] == lt
+    assert compact.length == lt and compact.keys[0].shape[1] == 10
+    assert compact.nbytes * lt == full.nbytes * 10
+    for i in range(len(dit.blocks)):
+        for got, want in zip(compact.layer(i), full.layer(i), strict=True):
+            assert got.shape == want.shape and torch.equal(got, want)
+    assert long.length == 0 and long.keys[0].shape[1] == lt  # nothing to drop: kept whole
+
+
 def test_wav2vec_legacy_and_new_weight_norm_names_agree(tiny_ckpt: Path) -> None:
     lay = CheckpointLayout.at(tiny_ckpt)
     legacy = load_wav2vec(lay, "cpu", F32)

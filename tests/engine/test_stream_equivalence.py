@@ -57,7 +57,7 @@ def reference_velocity(dit, text, sinks, window, rec: Record, b: int, i: int, t:
     positions = [dit.noisy_positions(j * f, f, hh, ww) for j in range(b + 1)]
 
     for layer, block in enumerate(dit.blocks):
-        tk, tv = text.keys[layer], text.values[layer]
+        tk, tv = text.layer(layer)
         # the sinks: dense attention among their own tokens, un-roped K/V kept for the blocks
         sink_kv = {}
         for name in sinks:

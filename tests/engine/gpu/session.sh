@@ -79,12 +79,15 @@ part_ranks() {  # what each rank of layout 4 / 4+vae holds and runs, FP8, one GP
 
 part_ranks24() {
   # the 24 GB-card question (docs/bench.md, "Rank shares"): no avatar cache (a small card's
-  # memory plan leaves it none), the allocator's expandable segments
+  # memory plan leaves it none), the allocator's expandable segments, wav2vec2 in bfloat16
+  # (on rank 1 of layout 4, the VAE rank of 4+vae); every rank of both layouts, then the
+  # features rank of layout 4 with wav2vec2 in float32
   local share
-  for share in 4+vae:0 4:0; do
+  for share in 4+vae:0 4:0 4:1 4:2 4:3 4+vae:4 4:1/float32; do
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 90 "$PY" -m engine bench \
       --steps 4 --blocks 4 --json --fp8 --avatar-cache-mb 0 --size "448*256" \
-      --rank-share "$share" >> "$OUT/bench-ranks-24gb.jsonl" 2>> "$OUT/bench-ranks.log"
+      --audio-dtype "$( [[ $share == */float32 ]] && echo float32 || echo bfloat16 )" \
+      --rank-share "${share%/*}" >> "$OUT/bench-ranks-24gb.jsonl" 2>> "$OUT/bench-ranks.log"
     echo "rank share $share (24 GB settings): exit $?"
   done
 }

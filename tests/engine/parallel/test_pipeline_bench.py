@@ -39,7 +39,8 @@ def test_layout_bench_reports_throughput_ttff_and_every_rank(
 
 
 @pytest.mark.parametrize("share, parts, owned", [
-    ("4:0", ["dit", "wav2vec"], [0]),  # the audio features and tokens, and step 0
+    ("4:0", ["dit"], [0]),  # the audio tokens (from rank 1's features), and step 0
+    ("4:1", ["dit", "wav2vec"], [1]),  # the audio features, and step 1
     ("4+vae:0", ["dit"], [0]),  # the audio tokens from features computed on the VAE rank
     ("2:1", ["dit", "vae", "text"], [2, 3]),
     ("4+vae:4", ["vae", "text", "wav2vec"], []),

@@ -20,7 +20,7 @@ def test_a_block_costs_the_pipeline_its_busiest_stage() -> None:
     frames = np.zeros((12, 8, 8, 3), np.uint8)
     p.stages[0] = msg.StageDone("s", 7, 0, busy=0.30, steps=(0.25,), features=0.05)
     p.frames = msg.Frames("s", 7, frames, decode=0.2, postprocess=0.01, rank=2, critical=True)
-    p.features = 0.04  # computed on the VAE rank (rank 2)
+    p.features, p.features_rank = 0.04, 2  # computed on the VAE rank (rank 2)
     assert not p.complete()  # rank 1's report is still missing
     p.stages[1] = msg.StageDone("s", 7, 1, busy=0.26, steps=(0.26,))
     assert p.complete() and p.done()
