@@ -31,7 +31,7 @@ from engine.models import audio as audio_model
 from engine.models import text as text_model
 from engine.models import vae as vae_model
 from engine.models.dit import DiTConfig, WanS2VDiT
-from engine.models.fp8 import quantize_on_load
+from engine.models.fp8 import quantize_on_load, release_scratch, replaced_on_load, scratch
 from engine.progress import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -95,25 +95,32 @@ def fill_random(model: nn.Module, device: torch.device, dtype: torch.dtype, seed
     for name, meta in tensors:
         want = torch.float32 if name.startswith(keep_fp32) or not meta.is_floating_point() \
             else dtype
-        t = torch.empty(meta.shape, dtype=want if meta.is_floating_point() else meta.dtype,
-                        device=device)
-        if not t.is_floating_point():
-            t.zero_()
-        elif name in CONSTANT_INIT:
-            t.fill_(CONSTANT_INIT[name])
-        elif _is_gain(name):
-            t.fill_(1.0)
-        elif t.dim() >= 2:
-            fan_in = max(1, t[0].numel())
-            t.normal_(0.0, fan_in ** -0.5, generator=gen)
-        else:
-            t.zero_()
-        if fp8_scaling is None or not quantize_on_load(model, name, t, fp8_scaling):
-            set_tensor(model, name, t)
-        del t
+        quantized = fp8_scaling is not None and replaced_on_load(model, name)
+        with scratch(device, quantized):  # (the bf16 weight is a temporary: see `scratch`)
+            t = torch.empty(meta.shape, dtype=want if meta.is_floating_point() else meta.dtype,
+                            device=device)
+            if not t.is_floating_point():
+                t.zero_()
+            elif name in CONSTANT_INIT:
+                t.fill_(CONSTANT_INIT[name])
+            elif _is_gain(name):
+                t.fill_(1.0)
+            elif t.dim() >= 2:
+                fan_in = max(1, t[0].numel())
+                t.normal_(0.0, fan_in ** -0.5, generator=gen)
+            else:
+                t.zero_()
+            if not quantized:
+                set_tensor(model, name, t)
+            else:
+                assert fp8_scaling is not None
+                quantize_on_load(model, name, t, fp8_scaling)
+            del t
         done += meta.numel()
         if progress is not None:
             progress(label, done, total)
+    if fp8_scaling is not None:
+        release_scratch(device)
 
 
 def random_tokenizer(text_len: int) -> Any:
@@ -148,7 +155,7 @@ def build_random_parts(shapes: ModelShapes, parts: tuple[str, ...], device: torc
     """Some of the components ("dit", "vae", "text", "wav2vec"), each filled from its own seed,
     so that a part is the same whatever else is built beside it (the ranks of a pipeline build
     only their own). `fp8_scaling`: the DiT quantised as it is filled; `audio_dtype`: wav2vec2's
-    (its random values are drawn in float32 and rounded, as a checkpoint's would be)."""
+    (drawn in it)."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown model parts {sorted(unknown)}; accepted {PARTS}")
@@ -182,9 +189,8 @@ def build_random_parts(shapes: ModelShapes, parts: tuple[str, ...], device: torc
     if "wav2vec" in parts:
         with torch.device("meta"):
             w2v = audio_model.build_model(_w2v_config(shapes.wav2vec))
-        fill_random(w2v, device, torch.float32, seed + 3, progress=progress, label="wav2vec2")
-        if audio_dtype != torch.float32:
-            w2v.to(audio_dtype)
+        # drawn in `audio_dtype` (converting afterwards would leave holes between the weights)
+        fill_random(w2v, device, audio_dtype, seed + 3, progress=progress, label="wav2vec2")
         finish_module(w2v, "wav2vec2")
         out["wav2vec"] = audio_model.Wav2Vec2Features(w2v)
     return out

@@ -68,3 +68,23 @@ def test_streaming_vae_on_cuda(ckpt) -> None:  # noqa: ANN001
         cache = CausalCache()
         parts = torch.cat([models.vae.decode(z[:, :, i:i + 1], cache) for i in range(6)], dim=2)
     assert (parts - whole).abs().max().item() <= 1e-5
+
+
+def test_fp8_load_on_a_scratch_stream_is_the_same_bits(ckpt) -> None:  # noqa: ANN001
+    # quantize-on-load makes its temporaries on a side stream and keeps the e4m3 weights on the
+    # default stream's pool (engine.models.fp8.scratch): the weights equal quantising after
+    # loading bit for bit (what it saves is measured by the rank-share bench)
+    from engine.checkpoint.layout import CheckpointLayout
+    from engine.checkpoint.loader import load_dit
+    from engine.models.fp8 import FP8Linear, quantize_linears
+
+    layout = CheckpointLayout.at(ckpt)
+    on_load = load_dit(layout, "cuda", torch.bfloat16, fp8_scaling="tensor")
+    after = load_dit(layout, "cuda", torch.bfloat16)
+    quantize_linears(after, "tensor")
+    a = {n: m for n, m in on_load.named_modules() if isinstance(m, FP8Linear)}
+    b = {n: m for n, m in after.named_modules() if isinstance(m, FP8Linear)}
+    assert a.keys() == b.keys() and a
+    for n, m in a.items():
+        assert torch.equal(m.weight.view(torch.uint8), b[n].weight.view(torch.uint8)), n
+        assert torch.equal(m.weight_scale, b[n].weight_scale), n
