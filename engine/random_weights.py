@@ -31,7 +31,7 @@ from engine.models import audio as audio_model
 from engine.models import text as text_model
 from engine.models import vae as vae_model
 from engine.models.dit import DiTConfig, WanS2VDiT
-from engine.models.fp8 import quantize_on_load, release_scratch, replaced_on_load, scratch
+from engine.models.fp8 import quantize_on_load, release_scratch, weight_scratch
 from engine.progress import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,7 @@ def fill_random(model: nn.Module, device: torch.device, dtype: torch.dtype, seed
     for name, meta in tensors:
         want = torch.float32 if name.startswith(keep_fp32) or not meta.is_floating_point() \
             else dtype
-        quantized = fp8_scaling is not None and replaced_on_load(model, name)
-        with scratch(device, quantized):  # (the bf16 weight is a temporary: see `scratch`)
+        with weight_scratch(model, name, device, fp8_scaling):
             t = torch.empty(meta.shape, dtype=want if meta.is_floating_point() else meta.dtype,
                             device=device)
             if not t.is_floating_point():
@@ -110,11 +109,8 @@ def fill_random(model: nn.Module, device: torch.device, dtype: torch.dtype, seed
                 t.normal_(0.0, fan_in ** -0.5, generator=gen)
             else:
                 t.zero_()
-            if not quantized:
+            if fp8_scaling is None or not quantize_on_load(model, name, t, fp8_scaling):
                 set_tensor(model, name, t)
-            else:
-                assert fp8_scaling is not None
-                quantize_on_load(model, name, t, fp8_scaling)
             del t
         done += meta.numel()
         if progress is not None:

@@ -30,13 +30,7 @@ from engine.models import audio as audio_model
 from engine.models import text as text_model
 from engine.models import vae as vae_model
 from engine.models.dit import WanS2VDiT
-from engine.models.fp8 import (
-    FP8Linear,
-    quantize_on_load,
-    release_scratch,
-    replaced_on_load,
-    scratch,
-)
+from engine.models.fp8 import FP8Linear, quantize_on_load, release_scratch, weight_scratch
 from engine.progress import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -126,8 +120,7 @@ def load_dit(layout: CheckpointLayout, device: torch.device | str, dtype: torch.
                         t = f.get_tensor(key)
                     counter.add(t)
                     want = torch.float32 if key.startswith(fp32_prefixes) else dtype
-                    quantized = fp8_scaling is not None and replaced_on_load(model, key)
-                    with scratch(device, quantized):
+                    with weight_scratch(model, key, device, fp8_scaling):
                         t = t.to(device=device, dtype=want)
                         if lora_f is not None and key in targets:
                             roles = targets[key]
@@ -135,11 +128,9 @@ def load_dit(layout: CheckpointLayout, device: torch.device | str, dtype: torch.
                                      else lora_alpha)
                             t = merged_weight(t, lora_f.get_tensor(roles["A"]),
                                               lora_f.get_tensor(roles["B"]), alpha)
-                        if not quantized:
+                        if fp8_scaling is None or not quantize_on_load(model, key, t,
+                                                                       fp8_scaling):
                             set_tensor(model, key, t)
-                        else:
-                            assert fp8_scaling is not None
-                            quantize_on_load(model, key, t, fp8_scaling)
                         del t
     finish_module(model, "dit")
     if fp8_scaling is not None:

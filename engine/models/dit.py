@@ -354,22 +354,19 @@ class WanS2VDiT(nn.Module):
         lc = context.shape[1]
         emb = self.embed_text(context)
         keep = lc + 1
-        if not compact or keep >= self.cfg.text_len:
-            out = TextKV()
-            for block in self.blocks:
-                k, v = block.cross_attn.project_kv(emb)
-                out.keys.append(k)
-                out.values.append(v)
-            return out
-        out = TextKV(length=self.cfg.text_len)
+        compact = compact and keep < self.cfg.text_len  # (else there is nothing to drop)
+        out = TextKV(length=self.cfg.text_len if compact else 0)
         same = []
         for block in self.blocks:
             k, v = block.cross_attn.project_kv(emb)
             for t, kept in ((k, out.keys), (v, out.values)):
+                if not compact:
+                    kept.append(t)
+                    continue
                 bits = _bits(t)
                 same.append((bits[:, lc:] == bits[:, lc:keep]).all())
                 kept.append(t[:, :keep].clone())  # (a view would keep the whole 512 rows)
-        if not bool(torch.stack(same).all()):
+        if compact and not bool(torch.stack(same).all()):
             log.warning("text K/V: padding rows differ; keeping all %d rows", self.cfg.text_len)
             return self.text_kv(context, compact=False)
         return out

@@ -181,6 +181,13 @@ def scratch(device: torch.device | str, enabled: bool = True) -> Iterator[None]:
     main.wait_stream(side)
 
 
+def weight_scratch(model: nn.Module, key: str, device: torch.device | str,
+                   scaling: str | None) -> contextlib.AbstractContextManager[None]:
+    """`scratch` for reading tensor `key` when `quantize_on_load` (at `scaling`, None: off) will
+    replace it: its copy on the device is then a temporary."""
+    return scratch(device, scaling is not None and replaced_on_load(model, key))
+
+
 def release_scratch(device: torch.device | str) -> None:
     """Give the memory of `scratch`'s temporaries back to the device once a model is loaded."""
     dev = torch.device(device)

@@ -6,9 +6,9 @@ group, loads only its models (`engine.parallel.layout.RankRole.parts`) and says 
 - the **reader** thread reads the control socket: plans and closes go to the plan queue in the
   order the server sent them; encodes and opens to the set-up queue; the inputs of a resize and
   the sink refresh's latents to the mailbox. The server going away ends the process at once.
-- the **features** thread (`Layout.features_rank` when it is not rank 0) computes each block's wav2vec2
-  features as soon as its plan arrives, ahead of the decode loop, for rank 0 (through the
-  server, 1.2 MB a block);
+- the **features** thread (`Layout.features_rank` when it is not rank 0) computes each block's
+  wav2vec2 features as soon as its plan arrives, ahead of its other work, for rank 0 (through
+  the server, 1.2 MB a block);
 - the **set-up** thread opens sessions (a DiT rank prefills its sink; the VAE's rank encodes
   the avatar and primes a decoder) beside the block loop, as the single-process runtime's
   opener thread does, so a new session does not stop the others' blocks.

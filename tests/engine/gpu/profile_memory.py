@@ -59,40 +59,6 @@ def live_at_peak(trace: list[dict[str, Any]]) -> tuple[float, dict[str, float], 
     return peak / GB, by_site(at_peak), by_site(live)
 
 
-def reserved_at_peak(trace: list[dict[str, Any]]) -> tuple[float, float, dict[str, float]]:
-    """(peak reserved bytes after the last unmapping, allocated bytes at that moment, reserved
-    bytes alive then by the site whose allocation mapped them): which allocations made the
-    allocator reserve what it held at its peak (with expandable segments, memory is mapped as
-    allocations need it)."""
-    mapped: dict[int, tuple[int, str]] = {}
-    alloc: dict[int, int] = {}
-    reserved = allocated = peak = at_alloc = 0
-    at_peak: dict[int, tuple[int, str]] = {}
-    # the bench empties the cache once its models are loaded and resets the peak: what counts
-    # is the peak after the last unmapping
-    last = max((i for i, e in enumerate(trace)
-                if e["action"] in ("segment_free", "segment_unmap")), default=-1)
-    for i, event in enumerate(trace):
-        action, addr, size = event["action"], event["addr"], event["size"]
-        if action in ("segment_alloc", "segment_map"):
-            mapped[addr] = (size, _site(event.get("frames", [])))
-            reserved += size
-            if i > last and reserved > peak:
-                peak, at_peak, at_alloc = reserved, dict(mapped), allocated
-        elif action in ("segment_free", "segment_unmap"):
-            if addr in mapped:
-                reserved -= mapped.pop(addr)[0]
-        elif action == "alloc":
-            alloc[addr] = size
-            allocated += size
-        elif action == "free_completed" and addr in alloc:
-            allocated -= alloc.pop(addr)
-    sums: collections.Counter[str] = collections.Counter()
-    for size, site in at_peak.values():
-        sums[site] += size
-    return peak / GB, at_alloc / GB, {k: v / GB for k, v in sums.most_common()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--share", default="4+vae:0")
@@ -134,11 +100,6 @@ def main() -> None:
     print(f"{'at peak GB':>10} {'at end GB':>10}  site")
     for site in rows[:40]:
         print(f"{at_peak.get(site, 0.0):10.3f} {at_end.get(site, 0.0):10.3f}  {site}")
-    r_peak, r_alloc, r_sites = reserved_at_peak(trace)
-    print(f"\nreserved (mapped) at its traced peak {r_peak:.3f} GB with {r_alloc:.3f} GB allocated "
-          "then; mapped by:")
-    for site, gb in list(r_sites.items())[:25]:
-        print(f"{gb:10.3f}  {site}")
     out = Path(os.environ.get("OUT", "gpu-out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"memory-{args.share.replace(':', '-').replace('+', '')}.json").write_text(
